@@ -1,0 +1,1 @@
+"""Thin absl mains. The library never imports this package."""

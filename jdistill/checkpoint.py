@@ -1,0 +1,282 @@
+"""Hugging Face checkpoints <-> our NNX model.
+
+Loading reads one tensor at a time (safetensors memory-maps the file), converts it to our
+layout and places it directly into its target sharding, so the host never holds the model
+twice. Saving writes into a temporary sibling directory and renames it into place, so a
+crash never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jdistill import config as config_lib
+from jdistill import sharding as sharding_lib
+from jdistill.model import Decoder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# HF checkpoints of older transformers carry these non-parameter buffers.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Leaves that are linear maps: how many leading axes of our layout are the input side.
+LINEAR_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1,
+                     "up_proj": 1, "down_proj": 1, "lm_head": 1}
+
+
+def resolve_dtype(dtype):
+    """None, a name ('float32', 'bfloat16', 'float16') or a jnp dtype -> jnp dtype or None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    name = jnp.dtype(dtype).name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def hf_name(path: tuple) -> str:
+    """Our state path (e.g. ('layers', 0, 'self_attn', 'q_bias')) -> HF tensor name."""
+    *parents, leaf = path
+    suffix = "weight"
+    if leaf.endswith("_bias"):
+        leaf, suffix = leaf[: -len("_bias")] + "_proj", "bias"
+    prefix = [] if leaf == "lm_head" else ["model"]
+    return ".".join(map(str, [*prefix, *parents, leaf, suffix]))
+
+
+def to_ours(hf_array: np.ndarray, leaf: str, shape: tuple) -> np.ndarray:
+    """HF layout ([out, in] Linear weights, flat head dims) -> our layout `shape`."""
+    if leaf in LINEAR_INPUT_AXES:
+        return hf_array.T.reshape(shape)
+    return hf_array.reshape(shape)
+
+
+def hf_shape(shape: tuple, leaf: str) -> tuple:
+    """The HF tensor shape of one of our parameters."""
+    if leaf in LINEAR_INPUT_AXES:
+        n_in = LINEAR_INPUT_AXES[leaf]
+        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+    if leaf.endswith("_bias"):
+        return (math.prod(shape),)
+    return tuple(shape)
+
+
+def to_hf(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Our layout -> HF layout (inverse of `to_ours`)."""
+    if leaf in LINEAR_INPUT_AXES:
+        n_in = LINEAR_INPUT_AXES[leaf]
+        rows = math.prod(array.shape[:n_in])
+        return np.ascontiguousarray(array.reshape(rows, -1).T)
+    if leaf.endswith("_bias"):
+        return array.reshape(-1)
+    return array
+
+
+def param_paths(state) -> list[tuple[tuple, jax.ShapeDtypeStruct]]:
+    """[(path, leaf)] over an nnx.State, path as a tuple of str/int names."""
+    return [(sharding_lib.path_names(p), leaf)
+            for p, leaf in jax.tree_util.tree_leaves_with_path(state)]
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+        if missing:
+            raise FileNotFoundError(f"{index} lists files that are missing: {missing}; "
+                                    "copy the complete checkpoint")
+        return {name: path / f for name, f in weight_map.items()}
+    single = path / SINGLE_FILE
+    if not single.exists():
+        raise FileNotFoundError(
+            f"no {SINGLE_FILE} or {INDEX_FILE} in {path}; save the model with "
+            "safe_serialization=True (PyTorch .bin checkpoints are not read)")
+    with safe_open(single, framework="numpy") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_pretrained(path, *, dtype=None, mesh=None) -> Decoder:
+    """Loads a local HF checkpoint directory into a `Decoder` (with `.config`).
+
+    Args:
+      path: directory with config.json and model.safetensors, or sharded
+        model-0000x-of-0000y.safetensors files with model.safetensors.index.json.
+      dtype: parameter dtype ('float32', 'bfloat16', 'float16'); None keeps the stored dtype.
+      mesh: a `jax.sharding.Mesh`; each tensor is placed straight into its sharding from
+        `sharding.RULES`. None places everything on the default device.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist; pass a local "
+                                "directory holding config.json and *.safetensors")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json; pass the directory that "
+                                "save_pretrained wrote (config.json + *.safetensors)")
+    dtype = resolve_dtype(dtype)
+    config = config_lib.load_hf_config(path / "config.json")
+    files = _tensor_files(path)
+    names = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
+
+    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    entries = param_paths(abstract_state)
+    expected = {hf_name(p) for p, _ in entries}
+    if config.tie_word_embeddings:
+        names.discard("lm_head.weight")  # some exporters write the tied copy too
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors that config.json implies: "
+                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; does config.json "
+                         "belong to these weights?")
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has tensors config.json does not describe: "
+                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; does "
+                         "config.json belong to these weights?")
+
+    shardings = sharding_lib.param_shardings(abstract_state, mesh) if mesh is not None else None
+    handles = {}
+    try:
+        leaves = []
+        for i, (p, leaf) in enumerate(entries):
+            name = hf_name(p)
+            f = files[name]
+            if f not in handles:
+                handles[f] = safe_open(f, framework="numpy").__enter__()
+            leaves.append(_read_param(handles[f], name, p[-1], leaf.shape, dtype,
+                                      None if shardings is None else shardings[i]))
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_state), leaves)
+    model = nnx.merge(graphdef, state)
+    model.source_path = str(path)
+    return model
+
+
+def _read_param(handle, name, leaf, shape, dtype, sharding):
+    hf = handle.get_tensor(name)
+    ours_shape = tuple(shape)
+    want = hf_shape(ours_shape, leaf)
+    if tuple(hf.shape) != want:
+        raise ValueError(f"tensor {name} has shape {tuple(hf.shape)} but config.json implies "
+                         f"{want}; does config.json belong to these weights?")
+    value = to_ours(hf, leaf, ours_shape)
+    value = value.astype(dtype if dtype is not None else _jnp_dtype(hf.dtype), copy=False)
+    if sharding is None:
+        return jnp.asarray(value)
+    return jax.make_array_from_callback(ours_shape, sharding, lambda idx: value[idx])
+
+
+def _jnp_dtype(np_dtype):
+    name = np.dtype(np_dtype).name
+    if name not in DTYPES:
+        raise ValueError(f"checkpoint tensor dtype {name} is not supported; pass dtype= one of "
+                         f"{sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _to_host(x) -> np.ndarray:
+    """Whole array on this host; gathers across processes for multi-host shardings."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def save_pretrained(model: Decoder, path, *, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Writes config.json + safetensors that `transformers` loads, atomically.
+
+    Tensors are gathered one at a time; files above `max_shard_bytes` are split into
+    model-0000x-of-0000y.safetensors with an index. Tokenizer and generation files are
+    copied from the directory the model was loaded from, when present. In a multi-process
+    run every process must call this (gathers are collective); only process 0 writes.
+    """
+    path = Path(path)
+    state = nnx.state(model, nnx.Param)
+    entries = param_paths(state)
+    shards = _plan_shards([(hf_name(p), leaf.nbytes) for p, leaf in entries], max_shard_bytes)
+    writer = jax.process_index() == 0
+    tmp = None
+    if writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        by_name = {hf_name(p): (p[-1], leaf) for p, leaf in entries}
+        weight_map = {}
+        for k, names in enumerate(shards):
+            fname = SINGLE_FILE if len(shards) == 1 else \
+                f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {n: to_hf(_to_host(by_name[n][1]), by_name[n][0]) for n in names}
+            if writer:
+                save_file(tensors, tmp / fname, metadata={"format": "pt"})
+            weight_map.update({n: fname for n in names})
+            del tensors
+        if writer:
+            _write_metadata(model, tmp, weight_map, len(shards) > 1, state)
+            _replace_dir(tmp, path)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    shards, current, used = [], [], 0
+    for name, nbytes in sizes:
+        if current and used + nbytes > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    return shards + [current]
+
+
+def _write_metadata(model, directory: Path, weight_map, sharded: bool, state):
+    dtype = jnp.dtype(jax.tree_util.tree_leaves(state)[0].dtype).name
+    cfg = config_lib.to_hf_dict(model.config, dtype=dtype)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    if sharded:
+        total = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(state))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    source = getattr(model, "source_path", None)
+    if source and Path(source).is_dir():
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).exists():
+                shutil.copy2(Path(source) / name, directory / name)
+
+
+def _replace_dir(tmp: Path, path: Path):
+    """Moves the finished `tmp` to `path`; an existing `path` is swapped out, then deleted."""
+    for f in tmp.iterdir():  # data on disk before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)

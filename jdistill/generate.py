@@ -1,0 +1,92 @@
+"""Batched generation with a KV cache: greedy, or temperature / top-p sampling."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jdistill.model import Decoder, KVCache
+
+
+def sample_token(logits, rng, temperature: float, top_p: float):
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy (argmax)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        # Nucleus: keep the smallest prefix of the sorted distribution with mass >= top_p
+        # (the top token always survives).
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model: Decoder, tokens, attention_mask=None, *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, rng=None, eos_token_id=None,
+             pad_token_id: int = 0):
+    """Continues a left-padded batch. Returns new token ids [B, max_new_tokens]; after a
+    row emits an EOS id, the rest of the row is `pad_token_id`.
+
+    tokens [B, T] int; attention_mask [B, T] with padding on the left (required: every
+    row's last token must be real). eos_token_id: an int, a list of ints, or None.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, bool)
+    attention_mask = jnp.asarray(attention_mask, bool)
+    if not bool(np.all(np.asarray(attention_mask[:, -1]))):
+        raise ValueError("generate needs left padding: every row's last token must be real "
+                         "(pad on the left, as tokenizers do with padding_side='left')")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if eos_token_id is None:
+        eos = ()
+    elif isinstance(eos_token_id, int):
+        eos = (eos_token_id,)
+    else:
+        eos = tuple(eos_token_id)
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, tokens, attention_mask, rng, max_new_tokens,
+                     float(temperature), float(top_p), eos, int(pad_token_id))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
+def _generate(graphdef, state, tokens, attention_mask, rng, max_new_tokens, temperature,
+              top_p, eos, pad_id):
+    model = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    cache = KVCache.create(model.config, b, t + max_new_tokens, model.dtype)
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    hidden, cache = model.forward(tokens, attention_mask=attention_mask, positions=positions,
+                                  cache=cache)
+    logits = model.unembed(hidden[:, -1])
+    eos_ids = jnp.array(eos, jnp.int32)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, logits, pos, done, rng, out = carry
+        rng, sub = jax.random.split(rng)
+        token = sample_token(logits, sub, temperature, top_p)
+        token = jnp.where(done, pad_id, token)
+        out = out.at[:, step].set(token)
+        done = done | jnp.isin(token, eos_ids)
+        pos = pos + 1
+        hidden, cache = model.forward(token[:, None], positions=pos[:, None], cache=cache)
+        return step + 1, cache, model.unembed(hidden[:, -1]), pos, done, rng, out
+
+    carry = (jnp.zeros((), jnp.int32), cache, logits, positions[:, -1], jnp.zeros(b, bool),
+             rng, out)
+    return jax.lax.while_loop(cond, body, carry)[-1]

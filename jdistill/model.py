@@ -1,0 +1,340 @@
+"""Flax NNX decoder-only transformer: Llama / Mistral / Qwen2 / Qwen3.
+
+Layout choices (why): projection kernels keep heads as their own axis (`q_proj` is
+[embed, heads, head_dim], `o_proj` is [heads, head_dim, embed]) so head pruning, head
+sharding and GQA grouping are index operations on one axis, never reshapes of a fused dim.
+
+Structural masks (for pruning) are a dict with any of
+  heads  [L, H]  query heads, applied to the attention output before o_proj
+  mlp    [L, F]  MLP neurons, applied to silu(gate) * up
+  hidden [D]     residual channels, applied inside every RMSNorm and to every residual write
+  layers [L]     whole layers, a skipped layer passes its input through
+Every mask multiplies by 1 or selects, so all-ones masks give bit-identical output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jdistill import sharding as sharding_lib
+from jdistill.config import ModelConfig
+
+MASK_SHAPES = {
+    "heads": lambda c: (c.num_layers, c.num_heads),
+    "mlp": lambda c: (c.num_layers, c.intermediate_size),
+    "hidden": lambda c: (c.hidden_size,),
+    "layers": lambda c: (c.num_layers,),
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys/values [B, S, KV, hd] in fixed slots; `valid` [B, S] marks filled,
+    non-padding slots; `index` is the next slot to write."""
+
+    k: tuple
+    v: tuple
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(k=zeros, v=zeros, valid=jnp.zeros((batch, max_len), bool),
+                   index=jnp.zeros((), jnp.int32))
+
+
+def rms_norm(x, weight, eps, channel_mask=None):
+    """HF RMSNorm: statistics in f32, scale applied in the input dtype.
+
+    With `channel_mask`, the statistic is the mean over kept channels only (what the sliced
+    model computes). mean(x²·m)·(D/Σm) is written so that an all-ones mask multiplies by
+    exactly 1.0 and stays bit-identical to the unmasked path.
+    """
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if channel_mask is None:
+        var = jnp.mean(x * x, axis=-1, keepdims=True)
+    else:
+        m = channel_mask.astype(jnp.float32)
+        var = jnp.mean(x * x * m, axis=-1, keepdims=True) * (m.shape[-1] / jnp.sum(m))
+    y = weight * (x * jax.lax.rsqrt(var + eps)).astype(dtype)
+    return y if channel_mask is None else y * channel_mask.astype(y.dtype)
+
+
+def rope_inv_freq(config: ModelConfig):
+    """Inverse frequencies [head_dim/2], with Llama 3.1 frequency scaling when configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if config.rope_scaling is None:
+        return inv_freq
+    s = dict(config.rope_scaling)
+    # transformers' _compute_llama3_parameters: scale long wavelengths, interpolate the middle.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, H, hd]; cos/sin [B, T, hd] in f32, cast to x's dtype as HF does."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None):
+    """Causal GQA attention. q [B,T,H,hd], k/v [B,S,KV,hd], q_slots [T], k_slots [S],
+    k_valid [B,S]. Scores and softmax in f32; masked with a finite minimum so rows with no
+    valid key (padding queries) give a harmless uniform average instead of NaN."""
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5)
+    allowed = k_slots[None, :] <= q_slots[:, None]
+    if sliding_window is not None:
+        allowed &= (q_slots[:, None] - k_slots[None, :]) < sliding_window
+    allowed = allowed[None, :, :] & k_valid[:, None, :]  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+def _param(rngs, shape, dtype, std=0.02):
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.config = c
+        d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = _param(rngs, (d, h, hd), dtype)
+        self.k_proj = _param(rngs, (d, kv, hd), dtype)
+        self.v_proj = _param(rngs, (d, kv, hd), dtype)
+        self.o_proj = _param(rngs, (h, hd, d), dtype)
+        if c.qkv_bias:
+            self.q_bias = _param(rngs, (h, hd), dtype)
+            self.k_bias = _param(rngs, (kv, hd), dtype)
+            self.v_bias = _param(rngs, (kv, hd), dtype)
+        if c.qk_norm:
+            self.q_norm = nnx.Param(jnp.ones((hd,), dtype))
+            self.k_norm = nnx.Param(jnp.ones((hd,), dtype))
+
+    def __call__(self, x, cos, sin, q_slots, k_valid, cache_kv=None, cache_index=None,
+                 head_mask=None):
+        c = self.config
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...])
+        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...])
+        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...])
+        if c.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if c.qk_norm:
+            q = rms_norm(q, self.q_norm[...], c.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], c.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_kv is None:
+            k_slots = q_slots
+        else:
+            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype),
+                                             (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype),
+                                             (0, cache_index, 0, 0))
+            k_slots = jnp.arange(k.shape[1])
+        out = attend(q, k, v, q_slots, k_slots, k_valid, c.sliding_window)
+        if head_mask is not None:
+            out = out * head_mask.astype(out.dtype)[:, None]
+        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...]), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f = c.hidden_size, c.intermediate_size
+        self.gate_proj = _param(rngs, (d, f), dtype)
+        self.up_proj = _param(rngs, (d, f), dtype)
+        self.down_proj = _param(rngs, (f, d), dtype)
+
+    def __call__(self, x, neuron_mask=None):
+        act = jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])
+        if neuron_mask is not None:
+            act = act * neuron_mask.astype(act.dtype)
+        return act @ self.down_proj[...]
+
+
+class Block(nnx.Module):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.config = c
+        self.input_layernorm = nnx.Param(jnp.ones((c.hidden_size,), dtype))
+        self.self_attn = Attention(c, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = nnx.Param(jnp.ones((c.hidden_size,), dtype))
+        self.mlp = MLP(c, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, q_slots, k_valid, cache_kv=None, cache_index=None,
+                 head_mask=None, neuron_mask=None, hidden_mask=None):
+        eps = self.config.rms_norm_eps
+        h = rms_norm(x, self.input_layernorm[...], eps, hidden_mask)
+        attn, kv = self.self_attn(h, cos, sin, q_slots, k_valid, cache_kv, cache_index, head_mask)
+        x = x + _mask_channels(attn, hidden_mask)
+        h = rms_norm(x, self.post_attention_layernorm[...], eps, hidden_mask)
+        x = x + _mask_channels(self.mlp(h, neuron_mask), hidden_mask)
+        return x, kv
+
+
+def _mask_channels(x, hidden_mask):
+    return x if hidden_mask is None else x * hidden_mask.astype(x.dtype)
+
+
+class Decoder(nnx.Module):
+    """Decoder-only LM. Parameter names follow HF's module names (see checkpoint.py)."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), dtype)
+        self.layers = nnx.List([Block(config, dtype=dtype, rngs=rngs)
+                                for _ in range(config.num_layers)])
+        self.norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), dtype)
+
+    @property
+    def dtype(self):
+        return self.embed_tokens[...].dtype
+
+    def unembed_weight(self):
+        """The lm-head matrix [D, V] (the transposed embedding when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def unembed(self, hidden):
+        """hidden [..., D] -> logits [..., V]."""
+        return hidden @ self.unembed_weight()
+
+    def forward(self, tokens, *, attention_mask=None, positions=None, masks=None, cache=None):
+        """Final normed hidden states [B, T, D] (and the updated cache, or None).
+
+        tokens [B, T] int; attention_mask [B, T] (1 = real token; left or right padding);
+        positions [B, T], by default counted over real tokens so left padding is harmless.
+        With `cache`, tokens are written at slots cache.index .. cache.index + T.
+        """
+        c = self.config
+        b, t = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        masks = check_masks(masks, c)
+        freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(c)
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+
+        if cache is None:
+            q_slots, k_valid, index = jnp.arange(t), attention_mask, None
+        else:
+            index = cache.index
+            q_slots = index + jnp.arange(t)
+            k_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
+
+        x = _mask_channels(self.embed_tokens[...][tokens], masks.get("hidden"))
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            y, (k, v) = layer(
+                x, cos, sin, q_slots, k_valid, kv, index,
+                head_mask=_row(masks, "heads", i), neuron_mask=_row(masks, "mlp", i),
+                hidden_mask=masks.get("hidden"))
+            x = y if "layers" not in masks else jnp.where(masks["layers"][i], y, x)
+            new_k.append(k)
+            new_v.append(v)
+        x = rms_norm(x, self.norm[...], c.rms_norm_eps, masks.get("hidden"))
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=k_valid, index=index + t)
+        return x, cache
+
+    def __call__(self, tokens, *, attention_mask=None, positions=None, masks=None):
+        """Logits [B, T, V] in the parameter dtype."""
+        hidden, _ = self.forward(tokens, attention_mask=attention_mask, positions=positions,
+                                 masks=masks)
+        return self.unembed(hidden)
+
+
+def _row(masks, name, i):
+    return masks[name][i] if name in masks else None
+
+
+def check_masks(masks, config: ModelConfig) -> dict:
+    """Validates a structural-mask dict against the config; returns it (or {})."""
+    if not masks:
+        return {}
+    unknown = set(masks) - set(MASK_SHAPES)
+    if unknown:
+        raise ValueError(f"unknown mask names {sorted(unknown)}; known: {sorted(MASK_SHAPES)}")
+    for name, m in masks.items():
+        want = MASK_SHAPES[name](config)
+        if tuple(m.shape) != want:
+            raise ValueError(f"mask {name!r} has shape {tuple(m.shape)}, expected {want}")
+    return masks
+
+
+def ones_masks(config: ModelConfig) -> dict:
+    """All-keep masks: the identity for the masked forward."""
+    return {name: jnp.ones(shape(config), bool) for name, shape in MASK_SHAPES.items()}
+
+
+def init_model(config: ModelConfig, *, dtype=jnp.float32, seed: int = 0) -> Decoder:
+    """A randomly initialised model (std 0.02 weights, unit norms)."""
+    return Decoder(config, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def jit_forward(model: Decoder, mesh=None):
+    """(f, state): f(state, tokens, attention_mask) -> logits, jitted as a pure function.
+
+    With a mesh, params go to their rule-table shardings, batches and logits are split over
+    the batch mesh axes, and the returned state is already placed.
+    """
+    graphdef, state = nnx.split(model)
+
+    def forward(state, tokens, attention_mask):
+        return nnx.merge(graphdef, state)(tokens, attention_mask=attention_mask)
+
+    if mesh is None:
+        return jax.jit(forward), state
+    state_sh = sharding_lib.state_shardings(state, mesh)
+    batch = sharding_lib.batch_sharding(mesh)
+    f = jax.jit(forward, in_shardings=(state_sh, batch, batch),
+                out_shardings=sharding_lib.batch_sharding(mesh, ndim=3))
+    return f, jax.device_put(state, state_sh)
+
+
+def describe(model: Decoder) -> str:
+    """A few lines a user reads first: family, dims, parameter count, dtype, placement."""
+    c = model.config
+    state = nnx.state(model, nnx.Param)
+    leaves = jax.tree_util.tree_leaves(state)
+    n = sum(x.size for x in leaves)
+    devices = {d for x in leaves for d in x.sharding.device_set}
+    return "\n".join([
+        f"family {c.family}: {c.num_layers} layers, hidden {c.hidden_size}, "
+        f"ffn {c.intermediate_size}, heads {c.num_heads} (kv {c.num_kv_heads}, "
+        f"head_dim {c.head_dim}), vocab {c.vocab_size}, tied embeddings "
+        f"{c.tie_word_embeddings}",
+        f"parameters {n:,} ({model.dtype.name}, {sum(x.nbytes for x in leaves) / 2**20:.1f} MiB) "
+        f"on {len(devices)} device(s)",
+    ])
