@@ -3,10 +3,12 @@
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from flax import nnx
 
 import jdistill
 from jdistill import checkpoint
@@ -151,3 +153,11 @@ def test_save_overwrites_existing_directory(tmp_path):
     assert not (tmp_path / "out" / "stale.txt").exists()
     shutil.rmtree(tmp_path / "src")  # the export must not depend on the source directory
     jdistill.load_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize("variant", ["qwen2_tied", "qwen3", "llama3"])
+def test_parameter_count_matches_transformers(variant, tmp_path):
+    hf = save_hf_model(variant, tmp_path)
+    ours = jdistill.load_pretrained(tmp_path)
+    n_ours = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(ours, nnx.Param)))
+    assert ours.config.num_params() == n_ours == hf.num_parameters()

@@ -44,10 +44,13 @@ def test_parameters_are_really_split(tmp_path):
     assert len(attn.q_proj[...].sharding.device_set) == 8
 
 
+@needs_8
 def test_rules_replicate_what_does_not_divide():
-    mesh = sharding.make_mesh(fsdp=-1, devices=jax.devices()[:1])
-    spec = sharding.spec_for(("embed", "heads", "head_dim"), (32, 4, 12), mesh)
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    spec = sharding.spec_for(("embed", "heads", "head_dim"), (32, 6, 12), mesh)
     assert spec == jax.sharding.PartitionSpec("fsdp", None, None)
+    spec = sharding.spec_for(("embed", "heads", "head_dim"), (32, 8, 12), mesh)
+    assert spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
 
 
 def test_bad_mesh_shape_is_explained():
