@@ -163,6 +163,18 @@ def test_t5_bootstrap_band_contains_published_prediction(t5):
 
 
 @needs_data
+def test_t5_notebook_recipe_reproduces_published_prediction(t5):
+    """The published fit is the reference notebook's BFGS early stop (seed 1, mean Huber):
+    rerun verbatim, it predicts the published 1.471 within 1%; our converged fit gets a
+    lower value of the same objective (see BUILD_NOTES for why the two differ)."""
+    x, y, res = t5
+    law = sc.LAWS["frantar_sparsity"]
+    nb = sc.fit_notebook_recipe(law, x, y, seed=1)
+    assert sc.predict(law, nb.theta, T5_HELD_OUT)[0] == pytest.approx(T5_PUB_PRED, rel=0.01)
+    assert res.objective < 0.8 * nb.objective
+
+
+@needs_data
 def test_t5_random_starts_recipe_reaches_same_optimum(t5):
     # MANIFEST recipe: 25 uniform(0, 1) random starts; all starts must be refined.
     x, y, res = t5
