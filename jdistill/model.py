@@ -138,7 +138,7 @@ class Attention(nnx.Module):
             self.k_norm = nnx.Param(jnp.ones((hd,), dtype))
 
     def __call__(self, x, cos, sin, q_slots, k_valid, cache_kv=None, cache_index=None,
-                 head_mask=None):
+                 head_mask=None, acts=None):
         c = self.config
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...])
         k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...])
@@ -160,6 +160,8 @@ class Attention(nnx.Module):
         out = attend(q, k, v, q_slots, k_slots, k_valid, c.sliding_window)
         if head_mask is not None:
             out = out * head_mask.astype(out.dtype)[:, None]
+        if acts is not None:
+            acts["heads"] = out
         return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...]), (k, v)
 
 
@@ -170,10 +172,12 @@ class MLP(nnx.Module):
         self.up_proj = _param(rngs, (d, f), dtype)
         self.down_proj = _param(rngs, (f, d), dtype)
 
-    def __call__(self, x, neuron_mask=None):
+    def __call__(self, x, neuron_mask=None, acts=None):
         act = jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])
         if neuron_mask is not None:
             act = act * neuron_mask.astype(act.dtype)
+        if acts is not None:
+            acts["mlp_act"] = act
         return act @ self.down_proj[...]
 
 
@@ -186,13 +190,19 @@ class Block(nnx.Module):
         self.mlp = MLP(c, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, q_slots, k_valid, cache_kv=None, cache_index=None,
-                 head_mask=None, neuron_mask=None, hidden_mask=None):
+                 head_mask=None, neuron_mask=None, hidden_mask=None, acts=None):
+        """`acts`, when a dict, receives this layer's activations (see Decoder.forward)."""
         eps = self.config.rms_norm_eps
         h = rms_norm(x, self.input_layernorm[...], eps, hidden_mask)
-        attn, kv = self.self_attn(h, cos, sin, q_slots, k_valid, cache_kv, cache_index, head_mask)
+        attn, kv = self.self_attn(h, cos, sin, q_slots, k_valid, cache_kv, cache_index, head_mask,
+                                  acts)
+        if acts is not None:
+            acts["attn_norm"] = h
         x = x + _mask_channels(attn, hidden_mask)
         h = rms_norm(x, self.post_attention_layernorm[...], eps, hidden_mask)
-        x = x + _mask_channels(self.mlp(h, neuron_mask), hidden_mask)
+        x = x + _mask_channels(self.mlp(h, neuron_mask, acts), hidden_mask)
+        if acts is not None:
+            acts["mlp_norm"] = h
         return x, kv
 
 
@@ -226,12 +236,16 @@ class Decoder(nnx.Module):
         """hidden [..., D] -> logits [..., V]."""
         return hidden @ self.unembed_weight()
 
-    def forward(self, tokens, *, attention_mask=None, positions=None, masks=None, cache=None):
+    def forward(self, tokens, *, attention_mask=None, positions=None, masks=None, cache=None,
+                activations=None):
         """Final normed hidden states [B, T, D] (and the updated cache, or None).
 
         tokens [B, T] int; attention_mask [B, T] (1 = real token; left or right padding);
         positions [B, T], by default counted over real tokens so left padding is harmless.
         With `cache`, tokens are written at slots cache.index .. cache.index + T.
+        `activations`, when a list, receives one dict per layer: layer_in / layer_out [B,T,D]
+        (residual stream around the layer), attn_norm / mlp_norm [B,T,D] (RMSNorm outputs),
+        heads [B,T,H,hd] (input of o_proj), mlp_act [B,T,F] (input of down_proj).
         """
         c = self.config
         b, t = tokens.shape
@@ -256,11 +270,14 @@ class Decoder(nnx.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
+            acts = None if activations is None else {"layer_in": x}
             y, (k, v) = layer(
                 x, cos, sin, q_slots, k_valid, kv, index,
                 head_mask=_row(masks, "heads", i), neuron_mask=_row(masks, "mlp", i),
-                hidden_mask=masks.get("hidden"))
+                hidden_mask=masks.get("hidden"), acts=acts)
             x = y if "layers" not in masks else jnp.where(masks["layers"][i], y, x)
+            if acts is not None:
+                activations.append({**acts, "layer_out": x})
             new_k.append(k)
             new_v.append(v)
         x = rms_norm(x, self.norm[...], c.rms_norm_eps, masks.get("hidden"))

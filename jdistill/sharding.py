@@ -141,3 +141,12 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
     return True
+
+
+def shard_batch(array, mesh: Mesh):
+    """Places a batch-major array on the mesh: split over the batch axes when they divide its
+    leading dimension, replicated otherwise (e.g. a short last batch)."""
+    sharding = batch_sharding(mesh, array.ndim)
+    if array.shape[0] % math.prod(mesh.shape[a] for a in RULES["batch"] if a in mesh.shape):
+        sharding = NamedSharding(mesh, P())
+    return jax.device_put(array, sharding)

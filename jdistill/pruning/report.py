@@ -1,0 +1,78 @@
+"""Scores on disk and as a picture: the heat map of head and neuron importance per layer."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def save_scores(path, scores: dict) -> None:
+    """Writes scores (a dict of arrays) to an .npz file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in scores.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_scores(path) -> dict:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _normalise_rows(a):
+    a = np.asarray(a, np.float64)
+    return a / np.maximum(a.max(axis=1, keepdims=True), 1e-30)
+
+
+def plot_scores(scores: dict, path, title: str = "importance") -> None:
+    """PNG: head scores [L, H] and neuron scores [L, F] as heat maps (each layer scaled to its
+    maximum), hidden-channel scores sorted, and per-layer depth scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), gridspec_kw={"width_ratios": [1, 3]})
+    panels = [("heads", "query head"), ("mlp", "MLP neuron")]
+    for ax, (key, label) in zip(axes[0], panels):
+        im = ax.imshow(_normalise_rows(scores[key]), aspect="auto", cmap="viridis",
+                       interpolation="nearest")
+        ax.set(xlabel=label, ylabel="layer", title=f"{key} (÷ layer max)")
+        fig.colorbar(im, ax=ax)
+    hidden = np.sort(np.asarray(scores["hidden"]))[::-1]
+    axes[1][1].plot(hidden)
+    axes[1][1].set(xlabel="hidden channel (sorted)", ylabel="score", title="hidden channels",
+                   yscale="log" if hidden.min() > 0 else "linear")
+    axes[1][0].bar(np.arange(len(scores["layers"])), np.asarray(scores["layers"]))
+    axes[1][0].set(xlabel="layer", ylabel="score", title="layers")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path, obj) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
