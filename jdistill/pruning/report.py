@@ -41,6 +41,7 @@ def plot_scores(scores: dict, path, title: str = "importance") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), gridspec_kw={"width_ratios": [1, 3]})
     panels = [("heads", "query head"), ("mlp", "MLP neuron")]
@@ -48,6 +49,8 @@ def plot_scores(scores: dict, path, title: str = "importance") -> None:
         im = ax.imshow(_normalise_rows(scores[key]), aspect="auto", cmap="viridis",
                        interpolation="nearest")
         ax.set(xlabel=label, ylabel="layer", title=f"{key} (÷ layer max)")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(im, ax=ax)
     hidden = np.sort(np.asarray(scores["hidden"]))[::-1]
     axes[1][1].plot(hidden)
@@ -55,6 +58,7 @@ def plot_scores(scores: dict, path, title: str = "importance") -> None:
                    yscale="log" if hidden.min() > 0 else "linear")
     axes[1][0].bar(np.arange(len(scores["layers"])), np.asarray(scores["layers"]))
     axes[1][0].set(xlabel="layer", ylabel="score", title="layers")
+    axes[1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
