@@ -88,3 +88,83 @@ def calibration_batches(tokenizer, texts: list[str], *, num_samples: int, seq_le
             mask[row, :len(ids)] = True
         batches.append((tokens, mask))
     return batches
+
+
+PROMPT, TRACE, ANSWER = 0, 1, 2  # segment ids (same values as jdistill.losses)
+
+
+def encode_example(tokenizer, prompt: str, answer: str, reasoning: str | None = None, *,
+                   bos_id: int | None = None, eos_id: int | None = None):
+    """(ids, segment ids): prompt (0), optional reasoning trace (1), answer + EOS (2)."""
+    parts = [(prompt, PROMPT)] + ([(reasoning, TRACE)] if reasoning else []) + [(answer, ANSWER)]
+    ids, segs = ([bos_id], [PROMPT]) if bos_id is not None else ([], [])
+    for text, seg in parts:
+        piece = tokenizer.encode(text, add_special_tokens=False).ids
+        ids += piece
+        segs += [seg] * len(piece)
+    if eos_id is not None:
+        ids.append(eos_id)
+        segs.append(ANSWER)
+    return np.asarray(ids, np.int32), np.asarray(segs, np.int32)
+
+
+def read_examples(path) -> list[dict]:
+    """Supervision records from a .jsonl file: {"prompt", "answer", optional "reasoning"}."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    rows = _read_rows(path, path.suffix.lower())
+    for i, row in enumerate(rows):
+        missing = {"prompt", "answer"} - set(row)
+        if missing:
+            raise ValueError(f"{path} row {i}: missing {sorted(missing)}; each record needs "
+                             "'prompt' and 'answer' (and optionally 'reasoning')")
+    if not rows:
+        raise ValueError(f"{path} has no records")
+    return rows
+
+
+class Batcher:
+    """Deterministic, resumable batches: the batch at `step` is a pure function of
+    (examples, seed, step), so the data position of a run is its step count.
+
+    Each epoch is a fresh seeded permutation. A batch is [accum, batch, seq_len] arrays:
+      tokens, mask (real tokens), targets (next token), segments (segment of the target),
+      loss_mask (target is a real token).
+    """
+
+    def __init__(self, encoded: list, *, batch_size: int, seq_len: int, seed: int = 0,
+                 accum: int = 1, pad_id: int = 0):
+        if not encoded:
+            raise ValueError("no examples to batch")
+        self.encoded, self.batch_size, self.seq_len = encoded, batch_size, seq_len
+        self.seed, self.accum, self.pad_id = seed, accum, pad_id
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.accum
+
+    def indices(self, step: int) -> np.ndarray:
+        n, k = len(self.encoded), self.rows_per_step
+        flat = np.arange(step * k, (step + 1) * k)
+        epochs = flat // n
+        out = np.empty(k, np.int64)
+        for epoch in np.unique(epochs):
+            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+            sel = epochs == epoch
+            out[sel] = perm[flat[sel] % n]
+        return out
+
+    def batch(self, step: int) -> dict:
+        t = self.seq_len
+        rows = [self.encoded[i] for i in self.indices(step)]
+        tokens = np.full((len(rows), t + 1), self.pad_id, np.int32)
+        segs = np.zeros((len(rows), t + 1), np.int32)
+        real = np.zeros((len(rows), t + 1), bool)
+        for r, (ids, seg) in enumerate(rows):
+            n = min(len(ids), t + 1)
+            tokens[r, :n], segs[r, :n], real[r, :n] = ids[:n], seg[:n], True
+        out = {"tokens": tokens[:, :-1], "mask": real[:, :-1], "targets": tokens[:, 1:],
+               "segments": segs[:, 1:], "loss_mask": real[:, 1:] & real[:, :-1]}
+        shape = (self.accum, self.batch_size, t)
+        return {k: v.reshape(shape) for k, v in out.items()}
