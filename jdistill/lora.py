@@ -18,10 +18,12 @@ Kernel layouts (jdistill.model): the *first* axis is the input for ``q_proj``/``
 ``v_proj`` ``[D, H, hd]`` and the MLP ``[D, F]`` / ``[F, D]`` kernels; ``o_proj`` ``[H, hd, D]``
 has two input axes.  Other layouts can be given with ``in_ndim``.
 
-Dropout: this module uses only the merged-weight formulation (``x @ W'``), so the classic
-LoRA dropout on the adapter input (``dropout(x) @ A @ B``) cannot be expressed without a
-second, unmerged forward path through the model; it is omitted (``rank`` and ``alpha`` are the
-regularisers; many distillation recipes use LoRA dropout 0 anyway).
+Dropout: everything here is the merged-weight formulation (``x @ W'``). Classic LoRA dropout
+draws a fresh mask per token on the adapter input (``dropout(x) @ A @ B``), which cannot be
+merged into one weight. ``apply_lora(..., dropout=p, rng=key)`` instead draws one inverted-
+dropout mask per step over each adapter's *input features* and folds it into ``A``
+(``(x * m) @ A == x @ (m[:, None] * A)``): the same regulariser on the adapter path, with the
+mask shared by the tokens of a step rather than drawn per token.
 """
 
 from __future__ import annotations
@@ -117,30 +119,47 @@ def init_lora(params, targets_regex: str, rank: int, alpha: float, rng, *, in_nd
     return LoraState(adapters=adapters, scale=float(alpha) / rank, in_ndim=tuple(ndims))
 
 
-def lora_delta(lora: LoraState, name: str):
-    """The dense update ``scale * A @ B`` for one kernel, shaped like the kernel (f32)."""
+def lora_delta(lora: LoraState, name: str, input_mask=None):
+    """The dense update ``scale * A @ B`` for one kernel, shaped like the kernel (f32).
+    ``input_mask`` (shaped like A's input axes) scales A's input rows (dropout)."""
     a, b = lora.adapters[name]["a"], lora.adapters[name]["b"]
+    if input_mask is not None:
+        a = a * input_mask[..., None].astype(a.dtype)
     r = a.shape[-1]
     in_shape, out_shape = a.shape[:-1], b.shape[1:]
     delta = jnp.dot(a.reshape(-1, r).astype(jnp.float32), b.reshape(r, -1).astype(jnp.float32))
     return (lora.scale * delta).reshape(in_shape + out_shape)
 
 
-def apply_lora(params, lora: LoraState):
+def apply_lora(params, lora: LoraState, *, dropout: float = 0.0, rng=None):
     """Returns ``params`` with ``W + scale * A @ B`` at every adapted path (a new pytree).
 
     Pure: ``params`` is not modified.  Differentiable in ``lora`` (and ``params``; take the
     gradient w.r.t. ``lora`` only to keep the base frozen).  The merged kernel keeps the base
-    dtype (the add is done in f32 then cast).
+    dtype (the add is done in f32 then cast).  With ``dropout > 0`` (needs ``rng``), each
+    adapter's input features are dropped with probability ``dropout`` (one mask per call,
+    kept ones scaled by 1 / (1 - dropout); see the module docstring).
     """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if dropout > 0 and rng is None:
+        raise ValueError("dropout > 0 needs an rng key")
     seen = set()
+    names = sorted(lora.adapters)
+
+    def input_mask(name):
+        if dropout == 0:
+            return None
+        key = jax.random.fold_in(rng, names.index(name))
+        shape = lora.adapters[name]["a"].shape[:-1]
+        return jax.random.bernoulli(key, 1.0 - dropout, shape) / (1.0 - dropout)
 
     def merge(path, w):
         name = _path_str(path)
         if name not in lora.adapters:
             return w
         seen.add(name)
-        delta = lora_delta(lora, name)
+        delta = lora_delta(lora, name, input_mask(name))
         if delta.shape != w.shape:
             raise ValueError(f"{name}: adapter shape {delta.shape} != kernel {w.shape}")
         return (w.astype(jnp.float32) + delta).astype(w.dtype)

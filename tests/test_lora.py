@@ -150,3 +150,28 @@ def test_only_adapters_train_and_base_stays_bit_identical():
     np.testing.assert_allclose(
         np.asarray(merged(TOKENS)),
         np.asarray(nnx.merge(graphdef, apply_lora(params, lora), rest)(TOKENS)), atol=1e-6)
+
+
+def test_dropout_masks_adapter_input_features_once_per_call():
+    """dropout folds one inverted-dropout mask over each adapter's input features into A:
+    the merged kernel equals W + s * (m[:, None] * A) @ B with m in {0, 1/(1-p)}."""
+    from jdistill import lora as lora_lib
+
+    rng = np.random.default_rng(0)
+    params = {"mlp": {"up_proj": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}}
+    lora = lora_lib.init_lora(params, r"mlp\.up_proj", rank=4, alpha=8.0, rng=jax.random.key(0))
+    ad = lora.adapters["mlp.up_proj"]
+    lora = lora.replace(adapters={"mlp.up_proj": {"a": ad["a"],
+                                                  "b": jnp.asarray(rng.normal(size=(4, 8)),
+                                                                   jnp.float32)}})
+    out = lora_lib.apply_lora(params, lora, dropout=0.5, rng=jax.random.key(1))
+    delta = np.asarray(out["mlp"]["up_proj"] - params["mlp"]["up_proj"])
+    a, b = np.asarray(lora.adapters["mlp.up_proj"]["a"]), np.asarray(lora.adapters["mlp.up_proj"]["b"])
+    full = 2.0 * a @ b  # scale alpha / r = 2
+    dropped = np.all(np.abs(delta) < 1e-7, axis=1)
+    assert 0 < dropped.sum() < 16  # some input features dropped, not all
+    np.testing.assert_allclose(delta[~dropped], 2.0 * full[~dropped], rtol=1e-5, atol=1e-6)
+    same = lora_lib.apply_lora(params, lora, dropout=0.5, rng=jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(same["mlp"]["up_proj"]), np.asarray(out["mlp"]["up_proj"]))
+    with pytest.raises(ValueError, match="needs an rng"):
+        lora_lib.apply_lora(params, lora, dropout=0.1)
