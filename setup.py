@@ -21,9 +21,10 @@ setup(
         "tokenizers",
         "transformers>=4.45",
         "datasets",
+        "gguf",
     ],
     extras_require={
         # torch is only the reference implementation the tests compare against.
-        "test": ["torch==2.13.0", "pytest", "pytest-xdist"],
+        "test": ["torch==2.13.0", "accelerate", "pytest", "pytest-xdist"],
     },
 )

@@ -121,12 +121,17 @@ def load_pretrained(path, *, dtype=None, mesh=None) -> Decoder:
 
     Args:
       path: directory with config.json and model.safetensors, or sharded
-        model-0000x-of-0000y.safetensors files with model.safetensors.index.json.
+        model-0000x-of-0000y.safetensors files with model.safetensors.index.json; or a
+        llama.cpp `.gguf` file (Llama family), converted once into an HF directory under
+        $JDISTILL_CACHE/gguf (default ~/.cache/jdistill/gguf) and loaded from there.
       dtype: parameter dtype ('float32', 'bfloat16', 'float16'); None keeps the stored dtype.
       mesh: a `jax.sharding.Mesh`; each tensor is placed straight into its sharding from
         `sharding.RULES`. None places everything on the default device.
     """
     path = Path(path)
+    if path.suffix.lower() == ".gguf":  # llama.cpp file: convert once into the cache dir
+        from jdistill import gguf
+        path = gguf.cached_import(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist; pass a local "
                                 "directory holding config.json and *.safetensors")
