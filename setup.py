@@ -25,6 +25,6 @@ setup(
     ],
     extras_require={
         # torch is only the reference implementation the tests compare against.
-        "test": ["torch==2.13.0", "accelerate", "pytest", "pytest-xdist"],
+        "test": ["torch==2.13.0", "accelerate", "tensorboardX", "pytest", "pytest-xdist"],
     },
 )

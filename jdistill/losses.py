@@ -112,11 +112,15 @@ def _check_params(kind, beta, lam):
 
 
 def _kl_logp(log_p, log_q):
-    """KL(p || q) over the last axis from log-probabilities; 0 * log 0 terms count as 0."""
-    finite = jnp.isfinite(log_p)
-    log_p_safe = jnp.where(finite, log_p, 0.0)
-    log_q_safe = jnp.where(finite, log_q, 0.0)
-    terms = jnp.where(finite, jnp.exp(log_p_safe) * (log_p_safe - log_q_safe), 0.0)
+    """KL(p || q) over the last axis from log-probabilities; 0 * log 0 terms count as 0.
+
+    Only p = 0 (log p = -inf) is masked: a NaN in either input must reach the loss, so the
+    trainer's non-finite check sees a broken teacher instead of a silent zero KL.
+    """
+    live = ~jnp.isneginf(log_p)
+    log_p_safe = jnp.where(live, log_p, 0.0)
+    log_q_safe = jnp.where(live, log_q, 0.0)
+    terms = jnp.where(live, jnp.exp(log_p_safe) * (log_p_safe - log_q_safe), 0.0)
     return jnp.sum(terms, axis=-1)
 
 

@@ -55,3 +55,15 @@ def hf_logits(model, ids, mask):
         out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(pos))
     return out.logits.float().numpy()
+
+
+def save_tokenizer(path, vocab: int = VOCAB):
+    """A small BPE tokenizer.json (vocab ids < `vocab`) trained on finance-flavoured text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50 +
+                            ["markets rally as the fed holds rates"] * 50,
+                            trainers.BpeTrainer(vocab_size=vocab, special_tokens=["[PAD]", "[UNK]"]))
+    tok.save(str(path / "tokenizer.json"))

@@ -14,7 +14,7 @@ import jdistill
 from jdistill import pruning, sharding
 from jdistill.model import init_model, jit_forward
 from jdistill.pruning import report
-from tests.hf_models import hf_logits, padded_batch, save_hf_model
+from tests.hf_models import hf_logits, padded_batch, save_hf_model, save_tokenizer
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS)")
 FAMILIES = ["llama3", "qwen2_tied", "qwen3"]
@@ -280,17 +280,6 @@ def test_scores_round_trip_and_plot(tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _tokenizer_dir(path, vocab):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50 +
-                            ["markets rally as the fed holds rates"] * 50,
-                            trainers.BpeTrainer(vocab_size=vocab, special_tokens=["[PAD]", "[UNK]"]))
-    tok.save(str(path / "tokenizer.json"))
-
-
 def test_prune_main_end_to_end(tmp_path):
     save_hf_model("qwen3", tmp_path / "teacher")
     calib = tmp_path / "calib.csv"
@@ -303,7 +292,7 @@ def test_prune_main_end_to_end(tmp_path):
            "--schedule=linear", "--steps=2"]
     no_tok = subprocess.run(cmd, capture_output=True, text=True)
     assert no_tok.returncode != 0 and "--tokenizer=DIR" in no_tok.stderr
-    _tokenizer_dir(tmp_path / "teacher", 97)
+    save_tokenizer(tmp_path / "teacher")
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     rep = json.loads((tmp_path / "student" / "pruning_report.json").read_text())

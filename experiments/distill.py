@@ -1,0 +1,183 @@
+"""Distil a (pruned) student from its teacher under one supervision format.
+
+  python -m experiments.distill --teacher=DIR --student=DIR --data=FILE.jsonl \
+      --format=blended --loss=forward --lora_rank=0 --steps=200 --out=DIR
+
+--data holds {"prompt", "answer", optional "reasoning"} records (formats cot and blended
+need the reasoning: `python -m experiments.supervise --mode=traces` writes it); with
+--topk=FILE (from `experiments.supervise --mode=topk`) the KL term comes from the cached
+teacher top-k log-probs and the teacher is never loaded.
+
+Rerunning a killed command resumes from the last checkpoint in --workdir (default
+OUT.run/). Writes OUT/ (the trained student as an HF checkpoint; LoRA adapters merged),
+OUT.run/metrics.jsonl and one results row to OUT.run/results.jsonl (and to --results).
+"""
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+import jdistill
+from experiments import flags as common
+from jdistill import data, losses, results, train
+from jdistill.config import load_hf_config
+
+TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
+STUDENT = flags.DEFINE_string("student", None, "HF checkpoint directory of the student to train")
+DATA = flags.DEFINE_string("data", None, "training records (.jsonl: prompt, answer, reasoning)")
+OUT = flags.DEFINE_string("out", None, "output directory for the trained student")
+FORMAT = flags.DEFINE_enum("format", "blended", list(train.FORMATS), "supervision format")
+LOSS = flags.DEFINE_enum("loss", "forward", list(losses.KINDS), "divergence of the KL terms")
+TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "distillation temperature")
+WEIGHTS = flags.DEFINE_string("weights", None, "blend weights overriding the format's, e.g. "
+                              "trace_kl=1,trace_ce=0.5,answer_kl=1,answer_ce=1")
+TOPK = flags.DEFINE_string("topk", None, "cached teacher top-k log-probs (offline KD)")
+LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank; 0 trains every parameter")
+LORA_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (scale alpha / rank)")
+LORA_DROPOUT = flags.DEFINE_float("lora_dropout", 0.0, "LoRA input dropout")
+STEPS = flags.DEFINE_integer("steps", 100, "optimizer steps")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per micro-batch")
+ACCUM = flags.DEFINE_integer("accum", 1, "micro-batches per optimizer step")
+SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "tokens per sequence (longer are cut)")
+LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-4, "peak learning rate")
+WARMUP = flags.DEFINE_integer("warmup_steps", 0, "linear warm-up steps")
+WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay")
+CLIP = flags.DEFINE_float("clip_norm", 1.0, "global gradient-norm clip")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
+COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", list(train.DTYPES),
+                                  "forward/backward dtype (master weights stay in --dtype)")
+CHUNK = flags.DEFINE_integer("chunk_size", 512, "tokens per chunk of the fused lm-head loss")
+SEED = flags.DEFINE_integer("seed", 0, "data order, LoRA init and dropout seed")
+WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints + metrics (default OUT.run)")
+CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 50, "steps between checkpoints")
+KEEP = flags.DEFINE_integer("keep_checkpoints", 3, "checkpoints kept")
+LOG_EVERY = flags.DEFINE_integer("log_every", 10, "steps between progress lines")
+RESULTS = flags.DEFINE_string("results", None, "also append the results row to this file")
+flags.mark_flags_as_required(["student", "data", "out"])
+
+
+def parse_weights(spec: str | None):
+    if spec is None:
+        return None
+    try:
+        given = {k: float(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+        return losses.BlendWeights(**given)
+    except (ValueError, TypeError) as e:
+        raise app.UsageError(f"--weights={spec!r}: {e}; expected e.g. "
+                             "trace_kl=1,trace_ce=0.5,answer_kl=1,answer_ce=1")
+
+
+def encode_records(tokenizer, records, fmt: str, config):
+    """Token ids + segments per record; cot/blended put the teacher's reasoning in between."""
+    with_trace = fmt in ("cot", "blended")
+    if with_trace and not any(r.get("reasoning") for r in records):
+        raise app.UsageError(f"--format={fmt} needs 'reasoning' in the records; generate it "
+                             "with `python -m experiments.supervise --mode=traces`")
+    eos = config.eos_token_id
+    eos = eos[0] if isinstance(eos, tuple) else eos
+    return [data.encode_example(tokenizer, r["prompt"], r["answer"],
+                                r.get("reasoning") if with_trace else None,
+                                bos_id=config.bos_token_id, eos_id=eos) for r in records]
+
+
+def make_batcher(encoded, config, seed):
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    kw = dict(batch_size=BATCH_SIZE.value, seq_len=SEQ_LEN.value, seed=seed, accum=ACCUM.value,
+              pad_id=pad)
+    if TOPK.value:
+        from jdistill import supervision
+        return supervision.TopkBatcher(encoded, supervision.load_topk(TOPK.value), **kw)
+    return data.Batcher(encoded, **kw)
+
+
+def main(argv):
+    del argv
+    mesh = common.setup()
+    out = Path(OUT.value)
+    workdir = Path(WORKDIR.value or f"{out}.run")
+    cfg = train.DistillConfig(
+        steps=STEPS.value, format=FORMAT.value, kind=LOSS.value, temperature=TEMPERATURE.value,
+        weights=parse_weights(WEIGHTS.value), learning_rate=LEARNING_RATE.value,
+        warmup_steps=WARMUP.value, weight_decay=WEIGHT_DECAY.value, clip_norm=CLIP.value,
+        compute_dtype=COMPUTE_DTYPE.value, lora_rank=LORA_RANK.value,
+        lora_alpha=LORA_ALPHA.value, lora_dropout=LORA_DROPOUT.value, chunk_size=CHUNK.value,
+        seed=SEED.value)
+    if cfg.needs_teacher and not (TEACHER.value or TOPK.value):
+        raise app.UsageError(f"--format={FORMAT.value} has a KL term: give --teacher (or "
+                             "--topk for offline KD)")
+    student = jdistill.load_pretrained(STUDENT.value, dtype=DTYPE.value, mesh=mesh)
+    t_dir = teacher_dir(TEACHER.value)
+    online_teacher = cfg.needs_teacher and not TOPK.value
+    teacher = (jdistill.load_pretrained(t_dir, dtype=DTYPE.value, mesh=mesh)
+               if online_teacher else None)
+    teacher_params = (load_hf_config(t_dir / "config.json").num_params()
+                      if t_dir is not None else None)
+    if teacher is not None and teacher.config.vocab_size != student.config.vocab_size:
+        raise app.UsageError(f"teacher vocabulary {teacher.config.vocab_size} != student "
+                             f"{student.config.vocab_size}: logit distillation needs one "
+                             "tokenizer")
+    tokenizer = tokenizer_for(STUDENT.value, t_dir)
+    records = data.read_examples(DATA.value)
+    encoded = encode_records(tokenizer, records, FORMAT.value, student.config)
+    batcher = make_batcher(encoded, student.config, SEED.value)
+    n_s = student.config.num_params()
+    print(f"student {n_s:,} params; {len(records)} records; format {FORMAT.value}, loss "
+          f"{LOSS.value}, {'LoRA rank %d' % LORA_RANK.value if LORA_RANK.value else 'full'}; "
+          f"{STEPS.value} steps x {batcher.rows_per_step} x {SEQ_LEN.value} tokens")
+    result = train.train(student, teacher, batcher, cfg, workdir=workdir, mesh=mesh,
+                         checkpoint_every=CHECKPOINT_EVERY.value,
+                         keep_checkpoints=KEEP.value, log_every=LOG_EVERY.value)
+    if jax.process_index() == 0:
+        jdistill.save_pretrained(result.student, out)
+    row = results_row(cfg, result, n_s, teacher_params, len(records))
+    if jax.process_index() == 0:
+        results.append_row(workdir / "results.jsonl", row)
+        if RESULTS.value:
+            results.append_row(RESULTS.value, row)
+    print(f"trained {result.steps_run} steps in {result.seconds:.1f}s "
+          f"(final loss {result.final_metrics.get('loss', float('nan')):.4f}); wrote {out}")
+
+
+def teacher_dir(path: str | None) -> Path | None:
+    """The teacher's HF directory (a .gguf file is converted once, into the cache)."""
+    if path is None or not path.lower().endswith(".gguf"):
+        return None if path is None else Path(path)
+    from jdistill import gguf
+    return gguf.cached_import(path)
+
+
+def tokenizer_for(*dirs):
+    """The first of the checkpoints' tokenizers that exists (pruned students carry one)."""
+    for d in dirs:
+        if d is not None and Path(d, "tokenizer.json").exists():
+            return data.load_tokenizer(d)
+    return data.load_tokenizer(dirs[0])  # raises, naming the fix
+
+
+def results_row(cfg, result, student_params: int, teacher_params, n_records: int) -> dict:
+    weights, normalize = cfg.blend
+    return {
+        **results.run_metadata(), "main": "distill",
+        "teacher": {"path": TEACHER.value, "params": teacher_params},
+        "student": {"path": STUDENT.value, "out": OUT.value, "params": student_params},
+        "compression_ratio": teacher_params / student_params if teacher_params else None,
+        "supervision_format": cfg.format, "loss": cfg.kind, "temperature": cfg.temperature,
+        "weights": dataclasses.asdict(weights), "normalize": normalize,
+        "offline_topk": TOPK.value, "lora_rank": cfg.lora_rank or None,
+        "data": {"file": DATA.value, "examples": n_records, "tokens_seen": result.tokens_seen},
+        "optimizer": {"steps": cfg.steps, "learning_rate": cfg.learning_rate,
+                      "warmup_steps": cfg.warmup_steps, "batch_rows": BATCH_SIZE.value * ACCUM.value,
+                      "seq_len": SEQ_LEN.value, "compute_dtype": cfg.compute_dtype},
+        "seed": cfg.seed, "resumed_from": result.resumed_from,
+        "metrics": {f"train_{k}": v for k, v in result.final_metrics.items()},
+        "wall_time_s": result.seconds,
+        "tokens_per_s": result.steps_run * BATCH_SIZE.value * ACCUM.value * SEQ_LEN.value
+        / max(result.seconds, 1e-9),
+    }
+
+
+if __name__ == "__main__":
+    app.run(main)

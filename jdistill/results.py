@@ -1,0 +1,58 @@
+"""Results rows: one JSON object a line, the only thing the fitter reads (see DESIGN.md).
+
+Every experiment main appends rows with `append_row`. A row is written with a single
+`write` on an `O_APPEND` descriptor under an exclusive lock, so a killed run never leaves a
+partial line and concurrent writers (sweep shards sharing a file) never interleave.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+
+def git_sha(cwd=None) -> str | None:
+    """The checked-out commit of the code that ran (None outside a git checkout)."""
+    here = cwd or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_metadata() -> dict:
+    """Run id, git sha and UTC time: the first fields of every row."""
+    return {"run_id": uuid.uuid4().hex[:12], "git_sha": git_sha(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def append_row(path, row: dict) -> None:
+    """Appends `row` as one JSON line, atomically with respect to crashes and other writers."""
+    line = (json.dumps(row, sort_keys=False, allow_nan=True) + "\n").encode()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        written = os.write(fd, line)
+        if written != len(line):  # a full disk: take the partial line back out
+            os.ftruncate(fd, os.fstat(fd).st_size - written)
+            raise OSError(f"could not append a results row to {path} (disk full?)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_rows(path) -> list[dict]:
+    """All rows of a results file (an empty list when it does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,358 @@
+"""Distillation training: a pure, jitted, sharded step and a resumable, checkpointed loop.
+
+The step is one compiled function of (train state, frozen base, teacher params, batch):
+teacher forward without gradient + student forward/backward + the loss for the supervision
+format, gradient accumulation over micro-batches (a `lax.scan`), global-norm clipping and
+AdamW with warm-up + cosine decay. Full fine-tuning trains every student parameter; LoRA
+trains only adapters (the base is an argument, not state, so the optimizer never sees it).
+
+The data position of a run is its step (batches are a pure function of seed and step, see
+`data.Batcher`), so an orbax checkpoint of (step, params, optimizer state) is the whole
+state: rerunning a killed command resumes where the last checkpoint left off and ends with
+the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jdistill import losses
+from jdistill import lora as lora_lib
+from jdistill import sharding as sharding_lib
+from jdistill.model import Decoder
+
+# supervision format -> (blend weights, normalisation); see DESIGN.md "supervision format"
+FORMATS = {
+    "label": (losses.BlendWeights.answer_sft(), "segment"),   # CE on the answer tokens
+    "logits": (losses.BlendWeights.logit_kd(), "union"),      # KL to the teacher, same tokens
+    "cot": (losses.BlendWeights.cot_sft(), "union"),          # CE on trace + answer
+    "blended": (losses.BlendWeights(), "segment"),            # per-segment KL + CE
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Everything that defines the optimisation (hashable: it is static under jit)."""
+
+    steps: int
+    format: str = "blended"
+    kind: str = "forward"            # KL kind: forward, reverse, jsd, skew, skew_reverse
+    temperature: float = 1.0
+    beta: float = 0.5
+    lam: float = 0.1
+    weights: losses.BlendWeights | None = None  # overrides the format's weights
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    compute_dtype: str = "float32"   # "bfloat16": forward/backward in bf16, f32 master weights
+    lora_rank: int = 0               # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = r"self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
+    chunk_size: int = 512            # tokens per chunk of the fused lm-head + loss
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; choose one of {sorted(FORMATS)}")
+        if self.kind not in losses.KINDS:
+            raise ValueError(f"unknown loss kind {self.kind!r}; choose one of {losses.KINDS}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    @property
+    def blend(self):
+        weights, normalize = FORMATS[self.format]
+        return (self.weights or weights), normalize
+
+    @property
+    def needs_teacher(self) -> bool:
+        w, _ = self.blend
+        return w.trace_kl != 0 or w.answer_kl != 0
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict            # full params (pure dict) or LoRA adapters
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * 0.1)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def pure_params(model: Decoder) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def init_state(student: Decoder, cfg: DistillConfig):
+    """(TrainState, frozen base or None). LoRA: adapters train, the base is frozen."""
+    base = pure_params(student)
+    rng = jax.random.key(cfg.seed)
+    init_rng, rng = jax.random.split(rng)
+    if cfg.lora_rank:
+        trainable = lora_lib.init_lora(base, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha,
+                                       init_rng)
+        frozen = base
+    else:
+        trainable, frozen = base, None
+    opt_state = make_optimizer(cfg).init(trainable)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=opt_state,
+                      rng=rng), frozen
+
+
+def student_params(state_params, frozen, cfg: DistillConfig, rng=None):
+    if not cfg.lora_rank:
+        return state_params
+    return lora_lib.apply_lora(frozen, state_params, dropout=cfg.lora_dropout, rng=rng)
+
+
+def _cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                                  else x, tree)
+
+
+def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: DistillConfig):
+    """(loss, metrics) of one micro-batch {tokens, mask, targets, segments, loss_mask [B, T],
+    optional topk_logprobs / topk_ids [B, T, k]} from hidden states (fused lm-head loss)."""
+    dtype = DTYPES[cfg.compute_dtype]
+    student = nnx.merge(s_graphdef, _cast(params, dtype))
+    h_s, _ = student.forward(batch["tokens"], attention_mask=batch["mask"])
+    w_s = student.unembed_weight()
+    weights, normalize = cfg.blend
+    if "topk_ids" in batch:  # offline KD from cached teacher top-k: no teacher forward
+        supervised = batch["loss_mask"] * (batch["segments"] != losses.PROMPT)
+        return losses.fused_topk_kl(h_s, w_s, batch["topk_logprobs"], batch["topk_ids"],
+                                    supervised, temperature=cfg.temperature,
+                                    chunk_size=cfg.chunk_size)
+    h_t = w_t = None
+    if cfg.needs_teacher:
+        teacher = nnx.merge(t_graphdef, _cast(teacher_params, dtype))
+        h_t, _ = teacher.forward(batch["tokens"], attention_mask=batch["mask"])
+        h_t, w_t = jax.lax.stop_gradient((h_t, teacher.unembed_weight()))
+    return losses.fused_blended_cot_loss(
+        h_s, w_s, h_t, w_t, batch["targets"], batch["segments"], mask=batch["loss_mask"],
+        weights=weights, temperature=cfg.temperature, kind=cfg.kind, beta=cfg.beta,
+        lam=cfg.lam, normalize=normalize, chunk_size=cfg.chunk_size)
+
+
+def make_step(s_graphdef, t_graphdef, cfg: DistillConfig):
+    """The pure step: (state, frozen, teacher_params, batch [A, B, T]) -> (state, metrics).
+
+    A non-finite loss or gradient leaves the state unchanged and sets metrics["finite"] = 0,
+    so the caller can stop with the last good state intact.
+    """
+    optimizer = make_optimizer(cfg)
+
+    def loss_of(trainable, frozen, teacher_params, micro, rng):
+        params = student_params(trainable, frozen, cfg, rng)
+        return batch_loss(params, teacher_params, micro, s_graphdef=s_graphdef,
+                          t_graphdef=t_graphdef, cfg=cfg)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def step(state: TrainState, frozen, teacher_params, batch):
+        rng, step_rng = jax.random.split(state.rng)
+        accum = batch["tokens"].shape[0]
+
+        def micro_step(carry, micro):
+            (loss, metrics), grads = grad_fn(state.params, frozen, teacher_params, micro,
+                                             step_rng)
+            g_sum, m_sum = carry
+            return (jax.tree_util.tree_map(jnp.add, g_sum, grads),
+                    jax.tree_util.tree_map(jnp.add, m_sum, {**metrics, "loss": loss})), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        first = jax.tree_util.tree_map(lambda x: x[0], batch)
+        m_shape = jax.eval_shape(lambda: grad_fn(state.params, frozen, teacher_params, first,
+                                                 step_rng)[0])
+        m_zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                         {**m_shape[1], "loss": m_shape[0]})
+        (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, m_zeros), batch)
+        grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+        metrics = {k: v / accum for k, v in metrics.items()}
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+        return new, {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+
+    return step
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+@dataclasses.dataclass
+class RunResult:
+    student: Decoder
+    steps_run: int
+    resumed_from: int | None
+    tokens_seen: int
+    seconds: float
+    final_metrics: dict
+
+
+def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig, *,
+          workdir, mesh=None, checkpoint_every: int = 50, keep_checkpoints: int = 3,
+          log_every: int = 10, log: Callable[[str], None] = print) -> RunResult:
+    """Runs (or resumes) `cfg.steps` optimizer steps; returns the trained student model.
+
+    workdir/checkpoints holds orbax checkpoints (the last `keep_checkpoints`); workdir/
+    metrics.jsonl one line per logged step (and workdir/tensorboard event files when
+    tensorboardX is installed). Raises NonFiniteError naming the step when the
+    loss or gradient is not finite; the last good checkpoint stays on disk.
+    """
+    workdir = Path(workdir)
+    if cfg.needs_teacher and teacher is None:
+        raise ValueError(f"format {cfg.format!r} needs a teacher (it has a KL term)")
+    mesh = mesh or sharding_lib.make_mesh(devices=jax.devices()[:1])
+    s_graphdef, _ = nnx.split(student)
+    t_graphdef, t_params = (None, None) if teacher is None else \
+        (nnx.split(teacher)[0], pure_params(teacher))
+    state, frozen = init_state(student, cfg)
+    state, frozen, t_params = _place(state, frozen, t_params, mesh, make_optimizer(cfg))
+    manager = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints,
+                                             enable_async_checkpointing=False))
+    resumed_from = manager.latest_step()
+    if resumed_from is not None:
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state = manager.restore(resumed_from, args=ocp.args.StandardRestore(abstract))
+        log(f"resumed from step {resumed_from} ({workdir / 'checkpoints'})")
+        _truncate_metrics(workdir / "metrics.jsonl", resumed_from)
+    step_fn = jax.jit(make_step(s_graphdef, t_graphdef, cfg), donate_argnums=0)
+    batch_sh = sharding_lib.NamedSharding(
+        mesh, sharding_lib.P(None, tuple(a for a in sharding_lib.RULES["batch"] if a in mesh.shape)))
+    start = int(state.step)
+    tokens_per_step = batcher.rows_per_step * batcher.seq_len
+    t0, metrics = time.perf_counter(), {}
+    board = _tensorboard(workdir / "tensorboard")
+    for step in range(start, cfg.steps):
+        batch = {k: _global_batch(v, batch_sh) for k, v in batcher.batch(step).items()}
+        state, metrics = step_fn(state, frozen, t_params, batch)
+        done = step + 1
+        if not float(metrics["finite"]):
+            last = manager.latest_step()
+            kept = (f"the last good checkpoint is step {last} in {workdir / 'checkpoints'}"
+                    if last is not None else "no checkpoint was written before it")
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {done} (loss {float(metrics['loss'])}, "
+                f"grad norm {float(metrics['grad_norm'])}); {kept}; lower the learning rate, "
+                "check the data, or check the teacher for NaN weights")
+        if done % checkpoint_every == 0 or done == cfg.steps:
+            manager.save(done, args=ocp.args.StandardSave(state))
+        if done % log_every == 0 or done == cfg.steps or done == start + 1:
+            elapsed = time.perf_counter() - t0
+            rate = (done - start) * tokens_per_step / max(elapsed, 1e-9)
+            eta = (cfg.steps - done) * elapsed / (done - start)
+            row = {"step": done, **{k: float(v) for k, v in metrics.items()},
+                   "tokens_per_s": rate, "elapsed_s": elapsed}
+            _append_metrics(workdir / "metrics.jsonl", row)
+            if board is not None:
+                for k, v in row.items():
+                    board.add_scalar(f"train/{k}", v, done)
+            terms = " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()
+                             if k in ("loss", "trace_kl", "trace_ce", "answer_kl", "answer_ce",
+                                      "union_kl", "union_ce", "grad_norm"))
+            log(f"step {done}/{cfg.steps} {terms} | {rate:,.0f} tok/s | ETA {eta:,.0f}s")
+    manager.wait_until_finished()
+    if board is not None:
+        board.close()
+    final = student_params(state.params, frozen, dataclasses.replace(cfg, lora_dropout=0.0))
+    trained = nnx.merge(s_graphdef, final)
+    if getattr(student, "source_path", None):
+        trained.source_path = student.source_path
+    return RunResult(student=trained, steps_run=cfg.steps - start, resumed_from=resumed_from,
+                     tokens_seen=cfg.steps * tokens_per_step,
+                     seconds=time.perf_counter() - t0,
+                     final_metrics={k: float(v) for k, v in metrics.items()})
+
+
+def _place(state, frozen, t_params, mesh, optimizer):
+    """Params by the rules table; optimizer moments follow their params; the rest replicated."""
+    def shard(tree):
+        return None if tree is None else sharding_lib.shard_state(tree, mesh)
+
+    replicated = sharding_lib.NamedSharding(mesh, sharding_lib.P())
+    params = state.params
+    if isinstance(params, lora_lib.LoraState):  # adapters are small: replicate them
+        params = jax.device_put(params, replicated)
+        opt_state = jax.device_put(state.opt_state, replicated)
+    else:
+        # a copy: the step donates its state, and must not delete the caller's model arrays
+        params = jax.tree_util.tree_map(jnp.copy, shard(params))
+        opt_state = optax.tree_map_params(  # moments take their parameter's sharding
+            optimizer, lambda x, p: jax.device_put(x, p.sharding), state.opt_state, params,
+            transform_non_params=lambda x: jax.device_put(x, replicated))
+    state = TrainState(step=jax.device_put(state.step, replicated), params=params,
+                       opt_state=opt_state, rng=jax.device_put(state.rng, replicated))
+    return state, shard(frozen), shard(t_params)
+
+
+def _global_batch(array: np.ndarray, sharding):
+    """This process's slice of a batch-major [A, B, T, ...] host array as a global array."""
+    if jax.process_count() == 1:
+        return jax.device_put(array, sharding)
+    n, i = jax.process_count(), jax.process_index()
+    per = array.shape[1] // n
+    local = array[:, i * per:(i + 1) * per]
+    return jax.make_array_from_process_local_data(sharding, local, array.shape)
+
+
+def _tensorboard(logdir: Path):
+    """A TensorBoard writer when tensorboardX is installed (optional), on process 0 only."""
+    if jax.process_index() != 0:
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(logdir))
+
+
+def _append_metrics(path: Path, row: dict):
+    if jax.process_index() != 0:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int):
+    """On resume, drop metric lines logged after the checkpoint (they will be logged again)."""
+    if jax.process_index() != 0 or not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+

@@ -1,0 +1,234 @@
+"""The distillation trainer: learning, accumulation, sharding, LoRA, NaN stop, kill + resume."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+import transformers
+
+import jdistill
+from jdistill import data, lora, sharding, train
+from tests.hf_models import make_hf_model, save_tokenizer
+
+PROMPTS = ["the fed holds rates", "markets rally", "the quick brown fox", "the lazy dog jumps"]
+ANSWERS = ["rates", "markets", "fox", "dog"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    make_hf_model("llama3", seed=0).save_pretrained(root / "teacher")
+    make_hf_model("llama3", seed=1, num_hidden_layers=1).save_pretrained(root / "student")
+    for name in ("teacher", "student"):
+        save_tokenizer(root / name)
+    records = [{"prompt": p, "reasoning": f"it says {p} so", "answer": a}
+               for p, a in zip(PROMPTS, ANSWERS)] * 4
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def _encoded(root):
+    tok = data.load_tokenizer(root / "student")
+    return [data.encode_example(tok, r["prompt"], r["answer"], r["reasoning"], eos_id=2)
+            for r in data.read_examples(root / "data.jsonl")]
+
+
+def _same_layout(n=8, seed=0):
+    """Rows with one segment layout: every micro-batch has the same supervised-token counts."""
+    rng = np.random.default_rng(seed)
+    segs = np.array([0] * 5 + [1] * 6 + [2] * 6, np.int32)
+    return [(rng.integers(3, 97, len(segs)).astype(np.int32), segs) for _ in range(n)]
+
+
+def _run(root, cfg, workdir, *, batch_size=4, accum=1, mesh=None, encoded=None, **kw):
+    student = jdistill.load_pretrained(root / "student", mesh=mesh)
+    t = jdistill.load_pretrained(root / "teacher", mesh=mesh)
+    batcher = data.Batcher(encoded or _encoded(root), batch_size=batch_size, seq_len=16,
+                           accum=accum)
+    logs = []
+    result = train.train(student, t, batcher, cfg, workdir=workdir, mesh=mesh,
+                         log=logs.append, **kw)
+    return result, logs
+
+
+def _flat(model):
+    return {"/".join(map(str, k)): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(train.pure_params(model))[0]}
+
+
+def _assert_params_close(a, b, atol):
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_allclose(fa[k], fb[k], atol=atol, rtol=0, err_msg=k)
+
+
+def test_loss_falls_and_progress_is_logged(models, tmp_path):
+    cfg = train.DistillConfig(steps=25, format="blended", learning_rate=1e-2, warmup_steps=2)
+    result, logs = _run(models, cfg, tmp_path, log_every=5)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 5, 10, 15, 20, 25]
+    assert rows[-1]["loss"] < 0.85 * rows[0]["loss"]
+    assert {"trace_kl", "trace_ce", "answer_kl", "answer_ce", "grad_norm"} <= rows[0].keys()
+    assert all(np.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in rows)
+    assert "tok/s" in logs[-1] and "ETA" in logs[-1] and "step 25/25" in logs[-1]
+    assert result.steps_run == 25 and result.resumed_from is None
+    assert _tensorboard_scalars(tmp_path / "tensorboard", "train/loss")[-1] == pytest.approx(rows[-1]["loss"])
+
+
+def _tensorboard_scalars(logdir, tag):
+    """Values of one scalar tag, read back from TFRecord event files (independent reader)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    values = []
+    for f in sorted(logdir.iterdir()):
+        buf = f.read_bytes()
+        while buf:
+            n = int.from_bytes(buf[:8], "little")
+            event = Event.FromString(buf[12:12 + n])
+            buf = buf[12 + n + 4:]
+            values += [v.simple_value for v in event.summary.value if v.tag == tag]
+    return values
+
+
+def test_gradient_accumulation_equals_one_big_batch(models, tmp_path):
+    # accumulation averages micro-batch losses; with equal token counts per micro-batch that
+    # is exactly the big batch's loss
+    cfg = train.DistillConfig(steps=3, format="blended", learning_rate=1e-2)
+    rows = _same_layout()
+    big, _ = _run(models, cfg, tmp_path / "big", batch_size=4, accum=1, encoded=rows)
+    acc, _ = _run(models, cfg, tmp_path / "acc", batch_size=2, accum=2, encoded=rows)
+    _assert_params_close(big.student, acc.student, atol=1e-5)
+
+
+def test_sharded_step_equals_one_device(models, tmp_path):
+    cfg = train.DistillConfig(steps=3, format="blended", learning_rate=1e-2)
+    one, _ = _run(models, cfg, tmp_path / "one")
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    eight, _ = _run(models, cfg, tmp_path / "eight", mesh=mesh)
+    assert one.final_metrics["loss"] == pytest.approx(eight.final_metrics["loss"], rel=1e-5)
+    _assert_params_close(one.student, eight.student, atol=1e-5)
+    up = eight.student.layers[0].mlp.up_proj[...]  # the trained params stay sharded
+    assert len(up.sharding.device_set) == 8 and not up.sharding.is_fully_replicated
+
+
+def test_lora_trains_only_adapters(models, tmp_path):
+    cfg = train.DistillConfig(steps=4, format="logits", learning_rate=1e-2, lora_rank=2)
+    student = jdistill.load_pretrained(models / "student")
+    state, frozen = train.init_state(student, cfg)
+    n_adapter = lora.lora_param_count(state.params)
+    n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state)
+                if np.ndim(x) > 0)
+    assert n_opt == 2 * n_adapter  # Adam's two moments, of the adapters only
+    assert n_adapter < 0.5 * student.config.num_params()
+    result, _ = _run(models, cfg, tmp_path)
+    base = _flat(jdistill.load_pretrained(models / "student"))
+    trained = _flat(result.student)
+    changed = [k for k in base if not np.array_equal(base[k], trained[k])]
+    assert changed and all("proj" in k for k in changed)  # merged adapters, norms untouched
+    assert all(np.array_equal(base[k], trained[k]) for k in base if "embed" in k or "norm" in k)
+
+
+def test_bfloat16_compute_tracks_float32(models, tmp_path):
+    f32, _ = _run(models, train.DistillConfig(steps=1, format="blended"), tmp_path / "a")
+    bf16, _ = _run(models, train.DistillConfig(steps=1, format="blended",
+                                               compute_dtype="bfloat16"), tmp_path / "b")
+    assert bf16.final_metrics["loss"] == pytest.approx(f32.final_metrics["loss"], rel=3e-2)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(models, tmp_path):
+    cfg = train.DistillConfig(steps=4, format="logits", learning_rate=1e-2)
+    _run(models, cfg, tmp_path, checkpoint_every=2)
+    teacher = jdistill.load_pretrained(models / "teacher")
+    teacher.norm[...] = teacher.norm[...] * np.nan  # poisons the KL term
+    student = jdistill.load_pretrained(models / "student")
+    batcher = data.Batcher(_encoded(models), batch_size=4, seq_len=16)
+    with pytest.raises(train.NonFiniteError, match=r"at step 5 .*last good checkpoint is step 4"):
+        train.train(student, teacher, batcher, dataclasses.replace(cfg, steps=8),
+                    workdir=tmp_path, checkpoint_every=2, log=lambda _: None)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [2, 4]
+
+
+def test_bad_configs_are_explained():
+    with pytest.raises(ValueError, match="unknown format 'kd'"):
+        train.DistillConfig(steps=1, format="kd")
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        train.DistillConfig(steps=0)
+
+
+# ------------------------------------------------------------------ the distill main
+
+
+def _distill_cmd(root, out, *extra):
+    return [sys.executable, "-m", "experiments.distill", f"--teacher={root / 'teacher'}",
+            f"--student={root / 'student'}", f"--data={root / 'data.jsonl'}", f"--out={out}",
+            "--format=blended", "--batch_size=4", "--seq_len=16", "--learning_rate=1e-2",
+            "--mesh=data=1,fsdp=1,tensor=1", *extra]
+
+
+def _env():
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def _weights(path):
+    return safetensors.numpy.load_file(str(path / "model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(models, tmp_path):
+    steps = ["--steps=400", "--checkpoint_every=20", "--log_every=50"]
+    whole = subprocess.run(_distill_cmd(models, tmp_path / "whole", *steps), env=_env(),
+                           capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    cmd = _distill_cmd(models, tmp_path / "cut", *steps)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "cut.run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stdout + resumed.stderr
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+    row, = [json.loads(x) for x in (tmp_path / "cut.run" / "results.jsonl").read_text().splitlines()]
+    assert row["resumed_from"] > 0 and row["supervision_format"] == "blended"
+    assert row["compression_ratio"] > 1 and row["data"]["tokens_seen"] == 400 * 4 * 16
+    logged = [json.loads(x)["step"] for x in
+              (tmp_path / "cut.run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)) and logged[-1] == 400  # no step logged twice
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
+    assert hf.num_parameters() == row["student"]["params"]
+
+
+def test_distill_main_explains_bad_input(models, tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "markets rally", "answer": "up"}) + "\n")
+    cmd = [f"--data={plain}" if c.startswith("--data=") else c
+           for c in _distill_cmd(models, tmp_path / "o", "--steps=1")]
+    cot = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert cot.returncode != 0 and "needs 'reasoning'" in cot.stderr
+    no_teacher = [c for c in _distill_cmd(models, tmp_path / "o", "--steps=1")
+                  if not c.startswith("--teacher")]
+    res = subprocess.run(no_teacher, env=_env(), capture_output=True, text=True)
+    assert res.returncode != 0 and "give --teacher" in res.stderr
