@@ -100,7 +100,7 @@ def apply_rope(x, cos, sin):
 
 def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None):
     """Causal GQA attention. q [B,T,H,hd], k/v [B,S,KV,hd], q_slots [T], k_slots [S],
-    k_valid [B,S]. Scores and softmax in f32; masked with a finite minimum so rows with no
+    k_valid [B,S] (or [B,T,S] when queries differ in which keys they may see: packing). Scores and softmax in f32; masked with a finite minimum so rows with no
     valid key (padding queries) give a harmless uniform average instead of NaN."""
     b, t, h, hd = q.shape
     kv = k.shape[2]
@@ -110,7 +110,7 @@ def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None):
     allowed = k_slots[None, :] <= q_slots[:, None]
     if sliding_window is not None:
         allowed &= (q_slots[:, None] - k_slots[None, :]) < sliding_window
-    allowed = allowed[None, :, :] & k_valid[:, None, :]  # [B, T, S]
+    allowed = allowed[None, :, :] & (k_valid[:, None, :] if k_valid.ndim == 2 else k_valid)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -237,12 +237,15 @@ class Decoder(nnx.Module):
         return hidden @ self.unembed_weight()
 
     def forward(self, tokens, *, attention_mask=None, positions=None, masks=None, cache=None,
-                activations=None):
+                activations=None, documents=None):
         """Final normed hidden states [B, T, D] (and the updated cache, or None).
 
         tokens [B, T] int; attention_mask [B, T] (1 = real token; left or right padding);
         positions [B, T], by default counted over real tokens so left padding is harmless.
         With `cache`, tokens are written at slots cache.index .. cache.index + T.
+        documents [B, T] int (packed rows, no cache): a token attends only to earlier tokens
+        of its own document, and default positions restart at 0 in every document, so each
+        packed example computes exactly what it would alone.
         `activations`, when a list, receives one dict per layer: layer_in / layer_out [B,T,D]
         (residual stream around the layer), attn_norm / mlp_norm [B,T,D] (RMSNorm outputs),
         heads [B,T,H,hd] (input of o_proj), mlp_act [B,T,F] (input of down_proj).
@@ -252,7 +255,11 @@ class Decoder(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
-        if positions is None:
+        if documents is not None and cache is not None:
+            raise ValueError("documents (packed rows) cannot be combined with a KV cache")
+        if positions is None and documents is not None:
+            positions = document_positions(documents)
+        elif positions is None:
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         masks = check_masks(masks, c)
         freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(c)
@@ -261,6 +268,9 @@ class Decoder(nnx.Module):
 
         if cache is None:
             q_slots, k_valid, index = jnp.arange(t), attention_mask, None
+            if documents is not None:
+                same = documents[:, :, None] == documents[:, None, :]
+                k_valid = attention_mask[:, None, :] & same  # [B, T, S]
         else:
             index = cache.index
             q_slots = index + jnp.arange(t)
@@ -285,11 +295,21 @@ class Decoder(nnx.Module):
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=k_valid, index=index + t)
         return x, cache
 
-    def __call__(self, tokens, *, attention_mask=None, positions=None, masks=None):
+    def __call__(self, tokens, *, attention_mask=None, positions=None, masks=None,
+                 documents=None):
         """Logits [B, T, V] in the parameter dtype."""
         hidden, _ = self.forward(tokens, attention_mask=attention_mask, positions=positions,
-                                 masks=masks)
+                                 masks=masks, documents=documents)
         return self.unembed(hidden)
+
+
+def document_positions(documents):
+    """Position of each token within its document: [B, T] -> [B, T], 0 at each start."""
+    t = documents.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t), documents.shape)
+    starts = jnp.concatenate([jnp.ones_like(documents[:, :1], bool),
+                              documents[:, 1:] != documents[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 def _row(masks, name, i):
