@@ -1,0 +1,87 @@
+"""Teacher correction: fine-tune the teacher on the task before pruning (Minitron, Sreenivas et
+al. 2024: the pruning scores and the KL targets should come from a teacher that has seen the
+task's distribution).
+
+  python -m experiments.correct_teacher --teacher=DIR_or_GGUF --data=train.jsonl \
+      --format=label --steps=200 --out=runs/teacher_corrected
+
+Cached by its inputs: the output directory records a key over (teacher files, data file
+contents, every training setting) in correction.json; rerunning with the same inputs prints
+"cached" and does nothing, different inputs retrain (and resume if a run was killed).
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+import jdistill
+from experiments import flags as common
+from jdistill import data, results, supervision, train
+from jdistill.pruning import report
+
+TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory or .gguf of the teacher")
+DATA = flags.DEFINE_string("data", None, "task records (.jsonl: prompt, answer[, reasoning])")
+OUT = flags.DEFINE_string("out", None, "output directory for the corrected teacher")
+FORMAT = flags.DEFINE_enum("format", "label", ["label", "cot"], "supervision: CE on the answer "
+                           "(label) or on reasoning + answer (cot)")
+STEPS = flags.DEFINE_integer("steps", 100, "optimizer steps")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per step")
+SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "tokens per sequence")
+LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-5, "peak learning rate")
+WARMUP = flags.DEFINE_integer("warmup_steps", 10, "linear warm-up steps")
+LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank (0: full fine-tuning)")
+SEED = flags.DEFINE_integer("seed", 0, "data order seed")
+flags.mark_flags_as_required(["teacher", "data", "out"])
+
+
+def correction_key(teacher_dir: Path, data_file: Path, settings: dict) -> str:
+    h = hashlib.sha256(json.dumps({"teacher": supervision.model_identity(teacher_dir),
+                                   "settings": settings}, sort_keys=True).encode())
+    h.update(data_file.read_bytes())
+    return h.hexdigest()
+
+
+def main(argv):
+    del argv
+    mesh = common.setup()
+    teacher_dir = Path(TEACHER.value)
+    if teacher_dir.suffix.lower() == ".gguf":
+        from jdistill import gguf
+        teacher_dir = gguf.cached_import(teacher_dir)
+    out = Path(OUT.value)
+    settings = {"format": FORMAT.value, "steps": STEPS.value, "batch_size": BATCH_SIZE.value,
+                "seq_len": SEQ_LEN.value, "learning_rate": LEARNING_RATE.value,
+                "warmup_steps": WARMUP.value, "lora_rank": LORA_RANK.value, "seed": SEED.value}
+    key = correction_key(teacher_dir, Path(DATA.value), settings)
+    done = out / "correction.json"
+    if done.exists() and json.loads(done.read_text()).get("key") == key:
+        print(f"cached: {out} is this teacher corrected on these data and settings")
+        return
+    cfg = train.DistillConfig(steps=STEPS.value, format=FORMAT.value,
+                              learning_rate=LEARNING_RATE.value, warmup_steps=WARMUP.value,
+                              lora_rank=LORA_RANK.value, seed=SEED.value)
+    model = jdistill.load_pretrained(teacher_dir, mesh=mesh)
+    tokenizer = data.load_tokenizer(teacher_dir)
+    records = data.read_examples(DATA.value)
+    encoded = supervision.encode_records(tokenizer, records, model.config,
+                                         with_reasoning=FORMAT.value == "cot")
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    batcher = data.Batcher(encoded, batch_size=BATCH_SIZE.value, seq_len=SEQ_LEN.value,
+                           seed=SEED.value, pad_id=pad)
+    workdir = Path(f"{out}.run-{key[:12]}")  # a resumable run per input key
+    result = train.train(model, None, batcher, cfg, workdir=workdir, mesh=mesh)
+    if jax.process_index() == 0:
+        jdistill.save_pretrained(result.student, out)
+        report.atomic_write_json(done, {
+            **results.run_metadata(), "key": key, "teacher": str(teacher_dir),
+            "data": DATA.value, "examples": len(records), "settings": settings,
+            "final_metrics": result.final_metrics, "seconds": result.seconds})
+    print(f"corrected teacher written to {out} ({result.steps_run} steps, "
+          f"{result.seconds:.1f}s, final loss {result.final_metrics['loss']:.4f})")
+
+
+if __name__ == "__main__":
+    app.run(main)
