@@ -193,13 +193,21 @@ def generate_traces(model, tokenizer, prompts: list[str], *, max_new_tokens: int
 
 
 def trace_records(prompts: list[str], traces: list[str], answers: list[str] | None,
-                  recipe: str) -> list[dict]:
-    """Records `data.read_examples` accepts: recipe prompt, task prompt, trace, answer."""
+                  recipe: str, student_prompts: list[str] | None = None) -> list[dict]:
+    """Records `data.read_examples` accepts: the prompt the student trains on (by default the
+    recipe prompt the teacher saw), the teacher's prompt, trace, answer.
+
+    `student_prompts` differ from the teacher's when the teacher was shown more than the
+    student may see, e.g. the gold label in a rationalisation recipe.
+    """
     answers = [""] * len(prompts) if answers is None else list(answers)
-    if not len(prompts) == len(traces) == len(answers):
-        raise ValueError(f"{len(prompts)} prompts, {len(traces)} traces, {len(answers)} answers")
-    return [{"prompt": reasoning_prompt(p, recipe), "task_prompt": p, "reasoning": t,
-             "answer": a} for p, t, a in zip(prompts, traces, answers)]
+    student = ([reasoning_prompt(p, recipe) for p in prompts] if student_prompts is None
+               else list(student_prompts))
+    if not len(prompts) == len(traces) == len(answers) == len(student):
+        raise ValueError(f"{len(prompts)} prompts, {len(traces)} traces, {len(answers)} "
+                         f"answers, {len(student)} student prompts")
+    return [{"prompt": sp, "task_prompt": p, "reasoning": t, "answer": a}
+            for p, t, a, sp in zip(prompts, traces, answers, student)]
 
 
 def _meta_path(path: Path) -> Path:
@@ -242,15 +250,16 @@ def trace_key(model_path, prompts: list[str], settings: TraceSettings) -> str:
 
 
 def cached_traces(cache_dir, model_path, prompts: list[str], settings: TraceSettings, *,
-                  answers: list[str] | None = None, model=None, tokenizer=None, mesh=None,
-                  dtype=None, log: Callable[[str], None] = print) -> tuple[list[dict], Path]:
+                  answers: list[str] | None = None, student_prompts: list[str] | None = None,
+                  model=None, tokenizer=None, mesh=None, dtype=None,
+                  log: Callable[[str], None] = print) -> tuple[list[dict], Path]:
     """(trace records, their file): read from CACHE_DIR/traces-KEY.jsonl when an earlier call
     had the same model, prompts and settings (see `trace_key`), else generated and stored.
 
     `model` / `tokenizer` default to loading `model_path` (an HF directory; with `mesh` and
     `dtype` as in `load_pretrained`), and only on a cache miss. The answers do not enter the
-    key (traces do not depend on labels): the returned records carry this call's `answers`,
-    and the file is rewritten if they differ.
+    key (traces do not depend on labels): the returned records carry this call's `answers`
+    (and `student_prompts`, see `trace_records`), and the file is rewritten if they differ.
     bos / eos / pad ids come from the model's config.json.
     """
     from jdistill.config import load_hf_config
@@ -262,8 +271,11 @@ def cached_traces(cache_dir, model_path, prompts: list[str], settings: TraceSett
         meta = json.loads(meta_file.read_text())
         if meta.get("key") == key and meta.get("count") == len(prompts):
             records = data.read_examples(path)
-            if answers is not None and [r["answer"] for r in records] != list(answers):
-                records = [{**r, "answer": a} for r, a in zip(records, answers)]
+            fresh = trace_records(prompts, [r["reasoning"] for r in records],
+                                  [r["answer"] for r in records] if answers is None else answers,
+                                  settings.recipe, student_prompts)
+            if fresh != records:
+                records = fresh
                 write_traces(path, records, settings, key=key, model=str(model_path))
             log(f"traces: reusing {path} ({len(records)} records)")
             return records, path
@@ -278,7 +290,7 @@ def cached_traces(cache_dir, model_path, prompts: list[str], settings: TraceSett
         batch_size=settings.batch_size, seed=settings.seed, eos_token_id=config.eos_token_id,
         pad_id=config.pad_token_id if config.pad_token_id is not None else 0,
         bos_id=config.bos_token_id, recipe=settings.recipe, log=log)
-    records = trace_records(prompts, traces, answers, settings.recipe)
+    records = trace_records(prompts, traces, answers, settings.recipe, student_prompts)
     if jax.process_index() == 0:
         write_traces(path, records, settings, key=key, model=str(model_path))
     return records, path
