@@ -1,0 +1,56 @@
+"""Supervision formats: records per format, rationalised traces, disagreement filter."""
+
+import json
+
+import pytest
+
+from jdistill import formats, supervision
+from tests.hf_models import make_hf_model, save_tokenizer
+
+LABELS = ["Earnings", "Fed | Central Banks", "M&A | Investments", "Markets"]
+
+
+def test_last_mentioned_label():
+    assert formats.last_mentioned_label("this is about earnings, not markets", LABELS) == 3
+    assert formats.last_mentioned_label("the Central Banks moved", LABELS) == 1
+    assert formats.last_mentioned_label("M&A deal", LABELS) == 2
+    assert formats.last_mentioned_label("supermarkets opened", LABELS) is None  # whole words
+    assert formats.last_mentioned_label("nothing here", LABELS) is None
+
+
+def test_disagreeing_traces_are_dropped_and_counted():
+    recs = [{"reasoning": "because of earnings"}, {"reasoning": "it is about markets"},
+            {"reasoning": "no label named"}]
+    kept, counts = formats.drop_disagreeing(recs, [0, 0, 2], LABELS)
+    assert kept == [recs[0], recs[2]]
+    assert counts == {"traces": 3, "disagree": 1, "no_label": 1, "agree": 1}
+
+
+def test_label_formats_and_bad_input():
+    recs, _ = formats.build_records("label", ["p1", "p2"], ["a", "b"])
+    assert recs == [{"prompt": "p1", "answer": "a"}, {"prompt": "p2", "answer": "b"}]
+    with pytest.raises(ValueError, match="unknown supervision format"):
+        formats.build_records("kd", ["p"], ["a"])
+    with pytest.raises(ValueError, match="needs teacher_dir"):
+        formats.build_records("cot", ["p"], ["a"])
+    with pytest.raises(ValueError, match="lacks the {label} slot"):
+        formats.rationale_prompt("t", "l", recipe="{text} only")
+
+
+def test_cot_records_keep_the_label_out_of_the_student_prompt(tmp_path):
+    make_hf_model("llama3").save_pretrained(tmp_path / "t")
+    save_tokenizer(tmp_path / "t")
+    texts = ["the fed holds rates", "markets rally"]
+    prompts = [f"Headline: {t}\nTopic:" for t in texts]
+    settings = supervision.TraceSettings(max_new_tokens=6, recipe="{prompt}")
+    recs, stats = formats.build_records("blended", prompts, [" Fed", " Markets"], texts=texts,
+                                        gold=[1, 3], label_names=LABELS, teacher_dir=tmp_path / "t",
+                                        cache_dir=tmp_path / "c", settings=settings,
+                                        log=lambda _: None)
+    assert stats["traces"] == 2 and len(recs) == 2 - stats["disagree"]
+    for r in recs:
+        assert r["prompt"] in prompts and "explain why" not in r["prompt"]
+        assert "explain why" in r["task_prompt"]  # the teacher saw the rationale request
+        assert r["reasoning"].endswith("\n")
+    meta = json.loads(next((tmp_path / "c").glob("*.meta.json")).read_text())
+    assert meta["count"] == 2
