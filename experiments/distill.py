@@ -130,8 +130,9 @@ def main(argv):
     result = train.train(student, teacher, batcher, cfg, workdir=workdir, mesh=mesh,
                          checkpoint_every=CHECKPOINT_EVERY.value,
                          keep_checkpoints=KEEP.value, log_every=LOG_EVERY.value)
-    if jax.process_index() == 0:
-        jdistill.save_pretrained(result.student, out)
+    # every process takes part (the export gathers sharded tensors collectively); only
+    # process 0 writes files
+    jdistill.save_pretrained(result.student, out)
     row = results_row(cfg, result, n_s, teacher_params, len(records))
     if jax.process_index() == 0:
         results.append_row(workdir / "results.jsonl", row)
@@ -180,4 +181,4 @@ def results_row(cfg, result, student_params: int, teacher_params, n_records: int
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -3,23 +3,77 @@
 from absl import flags
 
 COORDINATOR = flags.DEFINE_string(
-    "coordinator", None, "host:port of process 0 for a multi-process run (else single process, "
-    "or JAX_COORDINATOR_ADDRESS / JDISTILL_DISTRIBUTED=1 from the environment)")
+    "coordinator", None, "host:port of process 0 for a multi-process run, or 'auto' where JAX "
+    "detects the cluster (SLURM srun, Open MPI, Cloud TPU pod slice); unset: single process "
+    "unless JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), "
+    "JDISTILL_DISTRIBUTED=1 or an srun step of several tasks says otherwise")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in a multi-process run")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0-based")
+HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "seconds a process may go silent before the run is declared "
+    "dead and every process exits (multi-process only)")
 MESH = flags.DEFINE_string(
     "mesh", "data=1,fsdp=-1,tensor=1",
-    "device mesh sizes; -1 takes the remaining devices (fsdp shards params and batch, "
-    "tensor shards heads/MLP/vocab, data shards only the batch)")
+    "device mesh sizes over all devices of all processes; -1 takes the remaining devices "
+    "(fsdp shards params and batch, tensor shards heads/MLP/vocab, data shards only the batch)")
 
 
 def setup():
     """Joins a multi-process run if asked to, then builds the mesh from --mesh."""
     from jdistill import sharding
 
-    sharding.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+    try:
+        joined = sharding.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value,
+                                                 PROCESS_ID.value,
+                                                 heartbeat_timeout_s=HEARTBEAT_TIMEOUT.value)
+    except ValueError as e:
+        raise SystemExit(f"multi-process set-up: {e}")
+    if joined:
+        import jax
+
+        # said up front because a dead peer may end this process from JAX's C++ side
+        print(f"process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} of {jax.device_count()} devices. If any process "
+              f"dies, the others stop within --heartbeat_timeout={HEARTBEAT_TIMEOUT.value}s; "
+              "rerun every process with the same command to resume from the last checkpoint.",
+              flush=True)
     try:
         sizes = {k: int(v) for k, v in (kv.split("=") for kv in MESH.value.split(","))}
         return sharding.make_mesh(**sizes)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"--mesh={MESH.value!r}: {e}; expected e.g. data=2,fsdp=2,tensor=2")
+
+
+def run(main):
+    """`absl.app.run(main)`, except that in a multi-process run any error ends this process
+    at once with a message saying what to do.
+
+    Why: when one process dies, the others fail in their next collective (or the coordination
+    service ends them after --heartbeat_timeout); a normal Python exit would then wait at
+    JAX's shutdown barrier for the dead peer and abort with a C++ stack trace.
+    """
+    from absl import app
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except Exception as e:  # noqa: BLE001 - any failure takes the whole run down
+            import jax
+
+            if jax.process_count() == 1:
+                raise
+            import os
+            import sys
+            import traceback
+
+            traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0][:500]
+            print(f"\njdistill: process {jax.process_index()} of {jax.process_count()} stopped "
+                  f"({type(e).__name__}: {first}).\nIn a multi-process run this usually means "
+                  "another process died or was killed: see its log. Every process of the run "
+                  "stops; rerun all of them with the same command to resume from the last "
+                  "checkpoint.", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+
+    app.run(guarded)

@@ -78,10 +78,11 @@ def main(argv):
                                        seq_len=SEQ_LEN.value, batch_size=BATCH_SIZE.value,
                                        seed=SEED.value)
     model = jdistill.load_pretrained(MODEL.value, dtype=DTYPE.value, mesh=mesh)
+    n_tokens = int(sum(m.sum() for _, m in batches))
+    # every process builds the same (small) host batches; each places only its own rows
     batches = [tuple(sharding.shard_batch(a, mesh) for a in b) for b in batches]
     teacher_params = model.config.num_params()
     out = Path(OUT.value)
-    n_tokens = int(sum(m.sum() for _, m in batches))
     print(f"teacher {teacher_params:,} params; calibration {len(batches)} batches, "
           f"{n_tokens:,} tokens")
 
@@ -91,6 +92,9 @@ def main(argv):
         k = len(steps) + 1
         t0 = time.perf_counter()
         scores = pruning.compute_scores(student, batches, IMPORTANCE.value, DEPTH.value)
+        # to numpy on every process (a collective gather where scores are sharded): the
+        # choice of what to keep is then the same everywhere
+        scores = jax.tree_util.tree_map(sharding.to_host, scores)
         t_score = time.perf_counter() - t0
         config = student.config
         if DIMS.value is not None:
@@ -123,7 +127,10 @@ def main(argv):
     else:
         ratios = pruning.compression_schedule(COMPRESSION.value, STEPS.value, SCHEDULE.value)
         student = pruning.iterative_prune(model, ratios, prune)
+    # every process joins the export (it gathers sharded tensors); only process 0 writes
     jdistill.save_pretrained(student, out)  # replaces `out` whole: artefacts go in after
+    if not sharding.is_writer():
+        return
     for k, scores in enumerate(step_scores, 1):
         report.save_scores(out / f"scores_step{k}.npz", scores)
         report.plot_scores(scores, out / f"importance_step{k}.png",
@@ -148,4 +155,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -1,9 +1,10 @@
 """Hugging Face checkpoints <-> our NNX model.
 
-Loading reads one tensor at a time (safetensors memory-maps the file), converts it to our
-layout and places it directly into its target sharding, so the host never holds the model
-twice. Saving writes into a temporary sibling directory and renames it into place, so a
-crash never leaves a directory that looks complete.
+Loading reads, for each tensor, only the block each local device holds (plain positioned
+reads of the safetensors file, no memory map), converts it to our layout and puts it on that
+device before reading the next: the host holds the model once (on CPU devices) or not at all
+(on accelerators), plus one shard in flight. Saving writes into a temporary sibling
+directory and renames it into place, so a crash never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jdistill import config as config_lib
@@ -112,8 +113,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         raise FileNotFoundError(
             f"no {SINGLE_FILE} or {INDEX_FILE} in {path}; save the model with "
             "safe_serialization=True (PyTorch .bin checkpoints are not read)")
-    with safe_open(single, framework="numpy") as f:
-        return {name: single for name in f.keys()}
+    return {name: single for name in SafetensorsFile(single).tensors}
 
 
 def load_pretrained(path, *, dtype=None, mesh=None) -> Decoder:
@@ -160,37 +160,158 @@ def load_pretrained(path, *, dtype=None, mesh=None) -> Decoder:
                          "config.json belong to these weights?")
 
     shardings = sharding_lib.param_shardings(abstract_state, mesh) if mesh is not None else None
-    handles = {}
+    readers = {}
     try:
         leaves = []
         for i, (p, leaf) in enumerate(entries):
             name = hf_name(p)
             f = files[name]
-            if f not in handles:
-                handles[f] = safe_open(f, framework="numpy").__enter__()
-            leaves.append(_read_param(handles[f], name, p[-1], leaf.shape, dtype,
+            if f not in readers:
+                readers[f] = SafetensorsFile(f)
+            leaves.append(_read_param(readers[f], name, p[-1], leaf.shape, dtype,
                                       None if shardings is None else shardings[i]))
     finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
+        for r in readers.values():
+            r.close()
     state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_state), leaves)
     model = nnx.merge(graphdef, state)
     model.source_path = str(path)
     return model
 
 
-def _read_param(handle, name, leaf, shape, dtype, sharding):
-    hf = handle.get_tensor(name)
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                      "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                      "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+READ_CHUNK_BYTES = 4 * 1024**2  # column blocks are gathered from row chunks of this size
+
+
+class SafetensorsFile:
+    """Reads rectangular blocks of the tensors of one .safetensors file with positioned reads.
+
+    Why not `safe_open`: it memory-maps the file, and every page a read touches stays in this
+    process's resident memory until the map is closed — loading a model through it costs the
+    file's size in RSS on top of the loaded parameters.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._file = open(self.path, "rb")
+        try:
+            (n,) = np.frombuffer(self._file.read(8), "<u8")
+            header = json.loads(self._file.read(int(n)))
+        except (ValueError, json.JSONDecodeError) as e:
+            self._file.close()
+            raise ValueError(f"{self.path} is not a valid safetensors file ({e}); re-download or "
+                             "re-save the checkpoint") from None
+        header.pop("__metadata__", None)
+        start = 8 + int(n)
+        self.tensors = {}
+        for name, h in header.items():
+            if h["dtype"] not in SAFETENSORS_DTYPES:
+                self._file.close()
+                raise ValueError(f"tensor {name} in {self.path} has dtype {h['dtype']}, which "
+                                 f"is not read; supported: {sorted(SAFETENSORS_DTYPES)}")
+            self.tensors[name] = (np.dtype(SAFETENSORS_DTYPES[h["dtype"]]), tuple(h["shape"]),
+                                  start + h["data_offsets"][0])
+
+    def close(self):
+        self._file.close()
+
+    def shape(self, name) -> tuple:
+        return self.tensors[name][1]
+
+    def read(self, name, ranges=None) -> np.ndarray:
+        """The block [a0:b0, a1:b1, ...] of tensor `name` (`ranges` [(a, b)] per dim; None:
+        all of it). Only the rows of the block are read, in chunks, so the transient memory
+        is the block plus at most READ_CHUNK_BYTES."""
+        dtype, shape, offset = self.tensors[name]
+        ranges = [(0, n) for n in shape] if ranges is None else list(ranges)
+        out = np.empty(tuple(b - a for a, b in ranges), dtype)
+        if out.size == 0:
+            return out
+        if not shape:
+            self._readinto(out, offset)
+            return out
+        row = math.prod(shape[1:]) * dtype.itemsize
+        (r0, r1), rest = ranges[0], ranges[1:]
+        if all((a, b) == (0, n) for (a, b), n in zip(rest, shape[1:])):  # whole rows
+            self._readinto(out, offset + r0 * row)
+            return out
+        cols = (slice(None),) + tuple(slice(a, b) for a, b in rest)
+        step = max(1, READ_CHUNK_BYTES // max(row, 1))
+        for r in range(r0, r1, step):
+            n = min(step, r1 - r)
+            chunk = np.empty((n,) + shape[1:], dtype)
+            self._readinto(chunk, offset + r * row)
+            out[r - r0:r - r0 + n] = chunk[cols]
+        return out
+
+    def _readinto(self, out: np.ndarray, offset: int):
+        buf = out.reshape(-1).view(np.uint8)
+        self._file.seek(offset)
+        if self._file.readinto(buf) != buf.size:
+            raise ValueError(f"{self.path} ends early (truncated download?); re-download the "
+                             "checkpoint")
+
+
+def _flat_range(shape: tuple, ranges: list) -> tuple | None:
+    """The block `ranges` of an array of `shape` as one range of its flattened index, or None
+    when the block is not contiguous once flattened."""
+    partial = [i for i, ((a, b), n) in enumerate(zip(ranges, shape)) if (a, b) != (0, n)]
+    if not partial:
+        return 0, math.prod(shape)
+    k = partial[0]
+    if len(partial) > 1 or math.prod(shape[:k]) != 1:
+        return None
+    inner = math.prod(shape[k + 1:])
+    return ranges[k][0] * inner, ranges[k][1] * inner
+
+
+def _read_block(reader: SafetensorsFile, name: str, leaf: str, shape: tuple, index) -> np.ndarray:
+    """Block `index` (a tuple of slices in our layout) of one parameter, reading only what
+    it needs where the HF layout allows (every split the sharding rules make)."""
+    ranges = [s.indices(n)[:2] for s, n in zip(index, shape)]
+    sizes = tuple(b - a for a, b in ranges)
+    if leaf in LINEAR_INPUT_AXES:  # HF [out, in] with flattened groups
+        n_in = LINEAR_INPUT_AXES[leaf]
+        r_in = _flat_range(shape[:n_in], ranges[:n_in])
+        r_out = _flat_range(shape[n_in:], ranges[n_in:])
+        if r_in is not None and r_out is not None:
+            return reader.read(name, [r_out, r_in]).T.reshape(sizes)
+    elif leaf.endswith("_bias"):
+        r = _flat_range(shape, ranges)
+        if r is not None:
+            return reader.read(name, [r]).reshape(sizes)
+    else:
+        return reader.read(name, ranges)
+    return np.ascontiguousarray(to_ours(reader.read(name), leaf, shape)[tuple(index)])
+
+
+def _read_param(reader: SafetensorsFile, name, leaf, shape, dtype, sharding):
     ours_shape = tuple(shape)
     want = hf_shape(ours_shape, leaf)
-    if tuple(hf.shape) != want:
-        raise ValueError(f"tensor {name} has shape {tuple(hf.shape)} but config.json implies "
+    stored = reader.shape(name)
+    if tuple(stored) != want:
+        raise ValueError(f"tensor {name} has shape {tuple(stored)} but config.json implies "
                          f"{want}; does config.json belong to these weights?")
-    value = to_ours(hf, leaf, ours_shape)
-    value = value.astype(dtype if dtype is not None else _jnp_dtype(hf.dtype), copy=False)
+    dtype = dtype if dtype is not None else _jnp_dtype(reader.tensors[name][0])
     if sharding is None:
-        return jnp.asarray(value)
-    return jax.make_array_from_callback(ours_shape, sharding, lambda idx: value[idx])
+        return jnp.asarray(to_ours(reader.read(name), leaf, ours_shape).astype(dtype, copy=False))
+    # one block at a time straight onto its device(s): devices holding the same block (a
+    # replicated dimension) share one read
+    by_block = {}
+    for device, index in sharding.addressable_devices_indices_map(ours_shape).items():
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, ours_shape))
+        by_block.setdefault(key, (index, []))[1].append(device)
+    arrays = {}
+    for index, devices in by_block.values():
+        block = _read_block(reader, name, leaf, ours_shape, index).astype(dtype, copy=False)
+        for d in devices:
+            arrays[d] = jax.device_put(block, d)
+        jax.block_until_ready([arrays[d] for d in devices])  # the copy is done: drop the block
+        del block
+    ordered = [arrays[d] for d in sharding.addressable_devices_indices_map(ours_shape)]
+    return jax.make_array_from_single_device_arrays(ours_shape, sharding, ordered)
 
 
 def _jnp_dtype(np_dtype):

@@ -155,16 +155,21 @@ class Batcher:
             out[sel] = perm[flat[sel] % n]
         return out
 
-    def batch(self, step: int) -> dict:
+    def batch(self, step: int, rows=None) -> dict:
+        """The step's batch; with `rows` (indices along the batch axis) only those rows of
+        every micro-batch, [accum, len(rows), seq_len] — what one process of a multi-process
+        run loads (the rows its devices hold)."""
         t = self.seq_len
-        rows = [self.encoded[i] for i in self.indices(step)]
-        tokens = np.full((len(rows), t + 1), self.pad_id, np.int32)
-        segs = np.zeros((len(rows), t + 1), np.int32)
-        real = np.zeros((len(rows), t + 1), bool)
-        for r, (ids, seg) in enumerate(rows):
+        picked = self.indices(step).reshape(self.accum, self.batch_size)
+        if rows is not None:
+            picked = picked[:, np.asarray(rows)]
+        examples = [self.encoded[i] for i in picked.ravel()]
+        tokens = np.full((len(examples), t + 1), self.pad_id, np.int32)
+        segs = np.zeros((len(examples), t + 1), np.int32)
+        real = np.zeros((len(examples), t + 1), bool)
+        for r, (ids, seg) in enumerate(examples):
             n = min(len(ids), t + 1)
             tokens[r, :n], segs[r, :n], real[r, :n] = ids[:n], seg[:n], True
         out = {"tokens": tokens[:, :-1], "mask": real[:, :-1], "targets": tokens[:, 1:],
                "segments": segs[:, 1:], "loss_mask": real[:, 1:] & real[:, :-1]}
-        shape = (self.accum, self.batch_size, t)
-        return {k: v.reshape(shape) for k, v in out.items()}
+        return {k: v.reshape(picked.shape + (t,)) for k, v in out.items()}

@@ -15,6 +15,7 @@ import math
 import os
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -125,28 +126,109 @@ def shard_state(state, mesh: Mesh, rules: dict = RULES):
     return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
+def distributed_settings(coordinator: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None, env=None) -> dict | None:
+    """The arguments for `jax.distributed.initialize`, or None for a single-process run.
+
+    Explicit arguments win; then the environment: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES,
+    JAX_PROCESS_ID), or `coordinator='auto'` / JDISTILL_DISTRIBUTED=1 / an `srun` job step of
+    several tasks (SLURM_STEP_NUM_TASKS > 1), where JAX detects the cluster (SLURM, Open MPI,
+    Cloud TPU pod slices, Kubernetes) and fills in what is missing.
+    """
+    env = os.environ if env is None else env
+    auto = (coordinator == "auto" or env.get("JDISTILL_DISTRIBUTED") == "1"
+            or int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1)
+    if coordinator == "auto":
+        coordinator = None
+    elif coordinator is None:
+        coordinator = env.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator is None and not auto and num_processes is None and process_id is None:
+        return None
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    if coordinator is not None and None in (num_processes, process_id):
+        raise ValueError(f"coordinator {coordinator} given without the process count and index; "
+                         "pass --num_processes=N --process_id=i (or set JAX_NUM_PROCESSES and "
+                         "JAX_PROCESS_ID), or --coordinator=auto on a cluster JAX detects")
+    return {"coordinator_address": coordinator, "num_processes": num_processes,
+            "process_id": process_id}
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+                           process_id: int | None = None, *, heartbeat_timeout_s: int = 100,
+                           initialization_timeout_s: int = 300) -> bool:
     """Joins a multi-process run; a no-op (False) for a single process.
 
-    With `coordinator` ('host:port') the run is set up explicitly (every process passes the
-    same coordinator and num_processes and its own process_id). Without it, the environment
-    decides: JAX_COORDINATOR_ADDRESS, or a cluster JAX auto-detects (SLURM, TPU pod, ...)
-    when JDISTILL_DISTRIBUTED=1. CPU processes use gloo collectives.
+    Every process passes the same coordinator ('host:port' of process 0) and num_processes
+    and its own process_id, or lets the environment decide (`distributed_settings`). CPU
+    processes use gloo collectives. A process that stops answering for `heartbeat_timeout_s`
+    takes the whole run down (JAX's coordination service then ends every process), so a
+    dead peer never leaves the others hanging in a collective.
     """
-    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if coordinator is None and os.environ.get("JDISTILL_DISTRIBUTED") != "1":
+    settings = distributed_settings(coordinator, num_processes, process_id)
+    if settings is None:
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU devices
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(**settings, heartbeat_timeout_seconds=heartbeat_timeout_s,
+                               initialization_timeout=initialization_timeout_s,
+                               # a dead peer must not hold the others at exit for minutes
+                               shutdown_timeout_seconds=max(heartbeat_timeout_s, 10))
     return True
 
 
+def is_writer() -> bool:
+    """Whether this process writes shared files (results rows, plots, exports): process 0."""
+    return jax.process_index() == 0
+
+
+def to_host(x) -> np.ndarray:
+    """The whole array as numpy on every process (collective for multi-process shardings:
+    every process must call it, in the same order)."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(sharding, global_shape: tuple, axis: int = 0) -> np.ndarray:
+    """Sorted indices along `axis` that this process's devices hold (what it must load)."""
+    n = global_shape[axis]
+    rows = set()
+    for idx in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+        start, stop, _ = idx[axis].indices(n)
+        rows.update(range(start, stop))
+    return np.array(sorted(rows), np.int64)
+
+
+def from_local_rows(local: np.ndarray, rows: np.ndarray, sharding, global_shape: tuple,
+                    axis: int = 0):
+    """A global array from this process's `rows` (along `axis`) of it, as `local_rows` gave.
+
+    Each process passes only its own rows; nothing else of the global array exists on it.
+    """
+    where = {int(r): i for i, r in enumerate(rows)}
+
+    def piece(idx):
+        start, stop, _ = idx[axis].indices(global_shape[axis])
+        first, last = where.get(start), where.get(stop - 1)
+        if first is None or last is None or last - first != stop - 1 - start:
+            raise ValueError(f"rows {start}:{stop} of axis {axis} are not in this process's "
+                             "local data; build it from the rows sharding.local_rows gives")
+        at = list(idx)
+        at[axis] = slice(first, last + 1)
+        return local[tuple(at)]
+
+    return jax.make_array_from_callback(tuple(global_shape), sharding, piece)
+
+
 def shard_batch(array, mesh: Mesh):
-    """Places a batch-major array on the mesh: split over the batch axes when they divide its
-    leading dimension, replicated otherwise (e.g. a short last batch)."""
+    """Places a batch-major host array on the mesh: split over the batch axes when they divide
+    its leading dimension, replicated otherwise (e.g. a short last batch). In a multi-process
+    run every process passes the same host array and transfers only its own rows."""
+    array = np.asarray(array)
     sharding = batch_sharding(mesh, array.ndim)
     if array.shape[0] % math.prod(mesh.shape[a] for a in RULES["batch"] if a in mesh.shape):
         sharding = NamedSharding(mesh, P())
-    return jax.device_put(array, sharding)
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])

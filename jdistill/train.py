@@ -15,7 +15,9 @@ the same parameters as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,7 +26,6 @@ from typing import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -110,7 +111,11 @@ def pure_params(model: Decoder) -> dict:
 
 def init_state(student: Decoder, cfg: DistillConfig):
     """(TrainState, frozen base or None). LoRA: adapters train, the base is frozen."""
-    base = pure_params(student)
+    return init_state_from(pure_params(student), cfg)
+
+
+def init_state_from(base: dict, cfg: DistillConfig):
+    """`init_state` as a pure function of the student's params (jit-able)."""
     rng = jax.random.key(cfg.seed)
     init_rng, rng = jax.random.split(rng)
     if cfg.lora_rank:
@@ -236,8 +241,8 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
     s_graphdef, _ = nnx.split(student)
     t_graphdef, t_params = (None, None) if teacher is None else \
         (nnx.split(teacher)[0], pure_params(teacher))
-    state, frozen = init_state(student, cfg)
-    state, frozen, t_params = _place(state, frozen, t_params, mesh, make_optimizer(cfg))
+    _check_global(student, teacher)
+    state, frozen, t_params, state_sh = _place(student, t_params, mesh, cfg)
     manager = ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints,
@@ -249,15 +254,21 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
         state = manager.restore(resumed_from, args=ocp.args.StandardRestore(abstract))
         log(f"resumed from step {resumed_from} ({workdir / 'checkpoints'})")
         _truncate_metrics(workdir / "metrics.jsonl", resumed_from)
-    step_fn = jax.jit(make_step(s_graphdef, t_graphdef, cfg), donate_argnums=0)
-    batch_sh = sharding_lib.NamedSharding(
-        mesh, sharding_lib.P(None, tuple(a for a in sharding_lib.RULES["batch"] if a in mesh.shape)))
+    replicated = sharding_lib.NamedSharding(mesh, sharding_lib.P())
+    # fixed out_shardings: the state keeps its layout step after step, metrics are replicated
+    # so every process can read them
+    step_fn = jax.jit(make_step(s_graphdef, t_graphdef, cfg), donate_argnums=0,
+                      out_shardings=(state_sh, replicated))
+    load_batch, rows = _batch_loader(batcher, mesh)
+    if jax.process_count() > 1:
+        log(f"process {jax.process_index()} of {jax.process_count()} loads batch rows "
+            f"{_spans(rows)} of {batcher.batch_size} per micro-batch")
     start = int(state.step)
     tokens_per_step = batcher.rows_per_step * batcher.seq_len
     t0, metrics = time.perf_counter(), {}
     board = _tensorboard(workdir / "tensorboard")
     for step in range(start, cfg.steps):
-        batch = {k: _global_batch(v, batch_sh) for k, v in batcher.batch(step).items()}
+        batch = load_batch(step)
         state, metrics = step_fn(state, frozen, t_params, batch)
         done = step + 1
         if not float(metrics["finite"]):
@@ -297,35 +308,88 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
                      final_metrics={k: float(v) for k, v in metrics.items()})
 
 
-def _place(state, frozen, t_params, mesh, optimizer):
-    """Params by the rules table; optimizer moments follow their params; the rest replicated."""
+def _check_global(*models):
+    """Multi-process runs need every model already on the global mesh: a process cannot put
+    its local arrays onto another process's devices."""
+    if jax.process_count() == 1:
+        return
+    for model in models:
+        if model is not None and any(getattr(x, "is_fully_addressable", False)
+                                     for x in jax.tree_util.tree_leaves(pure_params(model))):
+            raise ValueError("in a multi-process run load the student and teacher onto the "
+                             "global mesh: jdistill.load_pretrained(path, mesh=mesh)")
+
+
+def _place(student, t_params, mesh, cfg):
+    """(state, frozen, teacher params, state shardings), built on the mesh.
+
+    The initial state comes out of one jitted init whose out_shardings place it: params by
+    the rules table, optimizer moments like their params, the rest (step, rng, LoRA adapters,
+    which are small) replicated. Nothing is built on one device and then copied out, so it
+    works the same across processes.
+    """
     def shard(tree):
         return None if tree is None else sharding_lib.shard_state(tree, mesh)
 
     replicated = sharding_lib.NamedSharding(mesh, sharding_lib.P())
-    params = state.params
-    if isinstance(params, lora_lib.LoraState):  # adapters are small: replicate them
-        params = jax.device_put(params, replicated)
-        opt_state = jax.device_put(state.opt_state, replicated)
+    base = shard(pure_params(student))
+    abstract, _ = jax.eval_shape(lambda b: init_state_from(b, cfg), base)
+    if cfg.lora_rank:
+        param_sh = jax.tree_util.tree_map(lambda _: replicated, abstract.params)
     else:
-        # a copy: the step donates its state, and must not delete the caller's model arrays
-        params = jax.tree_util.tree_map(jnp.copy, shard(params))
-        opt_state = optax.tree_map_params(  # moments take their parameter's sharding
-            optimizer, lambda x, p: jax.device_put(x, p.sharding), state.opt_state, params,
-            transform_non_params=lambda x: jax.device_put(x, replicated))
-    state = TrainState(step=jax.device_put(state.step, replicated), params=params,
-                       opt_state=opt_state, rng=jax.device_put(state.rng, replicated))
-    return state, shard(frozen), shard(t_params)
+        param_sh = sharding_lib.state_shardings(abstract.params, mesh)
+    opt_sh = optax.tree_map_params(  # moments take their parameter's sharding
+        make_optimizer(cfg), lambda _, sh: sh, abstract.opt_state, param_sh,
+        transform_non_params=lambda _: replicated)
+    state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+
+    def init(b):  # a copy of the params: the step donates its state, not the caller's model
+        state, _ = init_state_from(b, cfg)
+        return jax.tree_util.tree_map(jnp.copy, state)
+
+    state = jax.jit(init, out_shardings=state_sh)(base)
+    return state, (base if cfg.lora_rank else None), shard(t_params), state_sh
 
 
-def _global_batch(array: np.ndarray, sharding):
-    """This process's slice of a batch-major [A, B, T, ...] host array as a global array."""
-    if jax.process_count() == 1:
-        return jax.device_put(array, sharding)
-    n, i = jax.process_count(), jax.process_index()
-    per = array.shape[1] // n
-    local = array[:, i * per:(i + 1) * per]
-    return jax.make_array_from_process_local_data(sharding, local, array.shape)
+def _batch_loader(batcher, mesh):
+    """step -> the global batch, this process loading only the rows its devices hold.
+
+    Batch arrays are [accum, batch, ...] with the batch axis over the mesh's batch axes. A
+    batcher whose `batch` takes `rows` builds only those rows; any other is sliced after
+    building the whole host batch (same result, more host work).
+    """
+    axes = tuple(a for a in sharding_lib.RULES["batch"] if a in mesh.shape)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if batcher.batch_size % ways:
+        raise ValueError(f"batch size {batcher.batch_size} is not a multiple of the mesh's "
+                         f"batch ways (data x fsdp = {ways}); use a batch size divisible by "
+                         f"{ways} or change --mesh")
+    sharding = sharding_lib.NamedSharding(mesh, sharding_lib.P(None, axes))
+    lead = (batcher.accum, batcher.batch_size)
+    rows = sharding_lib.local_rows(sharding, lead, axis=1)
+    takes_rows = "rows" in inspect.signature(batcher.batch).parameters
+
+    def load(step):
+        if takes_rows:
+            local = batcher.batch(step, rows=rows)
+        else:
+            local = {k: v[:, rows] for k, v in batcher.batch(step).items()}
+        return {k: sharding_lib.from_local_rows(v, rows, sharding, lead + v.shape[2:], axis=1)
+                for k, v in local.items()}
+
+    return load, rows
+
+
+def _spans(rows) -> str:
+    """[0, 1, 2, 5, 6] -> '0-2,5-6'."""
+    out, start = [], None
+    for i, r in enumerate(rows):
+        if start is None:
+            start = r
+        if i + 1 == len(rows) or rows[i + 1] != r + 1:
+            out.append(f"{start}-{r}" if r != start else f"{r}")
+            start = None
+    return ",".join(out)
 
 
 def _tensorboard(logdir: Path):
