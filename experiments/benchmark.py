@@ -1,0 +1,457 @@
+"""Speed of one distillation step: our jitted step vs the same step in transformers PyTorch.
+
+  python -m experiments.benchmark                                  # CPU default, ~1-2 min
+  python -m experiments.benchmark --preset=tiny --steps=2 --out=/tmp/bench.json
+  python -m experiments.benchmark --preset=1b                      # GPU: MFU, no torch
+  python -m experiments.benchmark --student_dims=layers=8,hidden=512 --format=logits
+
+One step = teacher forward (no gradient) + student forward/backward + the fused loss of
+--format + global-norm clipping + AdamW, on one [batch_size, seq_len] batch of random
+tokens with prompt / trace / answer segments. Ours is `train.make_step` under
+`jax.jit(donate_argnums=0)` after `train._place`; the baseline is LlamaForCausalLM teacher
+(no_grad) + student with the same loss written in torch, `clip_grad_norm_` and
+`torch.optim.AdamW`. Both start from identical weights (the torch models are saved with
+save_pretrained and loaded with `jdistill.load_pretrained`), so their first-step losses
+must agree; the difference is printed next to the timings.
+
+Timing: the first call of each compiles / warms up and is not timed; then --steps calls of
+each, taking turns (ours, torch, ours, ...) so both see the same background load, each
+waited for; the median is the step time (tokens/s = batch_size * seq_len / median).
+Nothing here asserts a wall time: the numbers are reported, with the ratio ours / torch
+measured in the same process.
+
+MFU (printed on GPU, or whenever --peak_tflops is given) counts model FLOPs only:
+  N = L * (2*D*H*hd + 2*D*KV*hd + 3*D*F) + D*V       matmul parameters (lm head included,
+                                                     the embedding lookup not)
+  A = 4 * L * H * hd * T                             attention QK^T and PV per token, full
+                                                     T x T (what `model.attend` computes)
+  FLOPs/step = tokens * ((2*N_t + A_t) + 3 * (2*N_s + A_s))
+i.e. teacher forward + student forward and backward (backward = 2x forward). Not counted:
+the lm-head logits the fused loss recomputes in the backward pass (remat), norms, softmax,
+the optimizer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+DIM_KEYS = ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "head_dim", "tie")
+
+# Llama dims per preset; `tie` 1 ties the lm head to the embedding (as SmolLM2 does).
+PRESETS = {
+    # the test's size: seconds on any CPU
+    "tiny": dict(teacher=dict(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, vocab=512,
+                              tie=1),
+                 student=dict(hidden=64, ffn=128, layers=1, heads=4, kv_heads=2, vocab=512,
+                              tie=1),
+                 batch_size=2, seq_len=32, dtype="float32", steps=3),
+    # the CPU default (~1-2 min on 2 cores): student = half the teacher's layers and MLP
+    "small": dict(teacher=dict(hidden=256, ffn=768, layers=4, heads=4, kv_heads=2, vocab=16384,
+                               tie=1),
+                  student=dict(hidden=256, ffn=384, layers=2, heads=4, kv_heads=2, vocab=16384,
+                               tie=1),
+                  batch_size=8, seq_len=256, dtype="float32", steps=5),
+    # SmolLM2-135M as the teacher, a half-depth student
+    "smollm": dict(teacher=dict(hidden=576, ffn=1536, layers=30, heads=9, kv_heads=3,
+                                vocab=49152, tie=1),
+                   student=dict(hidden=576, ffn=1536, layers=15, heads=9, kv_heads=3,
+                                vocab=49152, tie=1),
+                   batch_size=8, seq_len=512, dtype="float32", steps=5),
+    # GPU: a ~1.4B teacher, a ~1.0B student (TinyLlama-like widths), bf16 compute
+    "1b": dict(teacher=dict(hidden=2048, ffn=5632, layers=28, heads=32, kv_heads=8, vocab=32000,
+                            tie=0),
+               student=dict(hidden=2048, ffn=5632, layers=20, heads=32, kv_heads=8, vocab=32000,
+                            tie=0),
+               batch_size=8, seq_len=1024, dtype="bfloat16", steps=10),
+}
+
+PRESET = flags.DEFINE_enum("preset", "small", list(PRESETS), "model sizes and batch defaults")
+TEACHER_DIMS = flags.DEFINE_string(
+    "teacher_dims", None, "override preset teacher dims, e.g. hidden=576,ffn=1536,layers=30,"
+    f"heads=9,kv_heads=3,vocab=49152 (keys {', '.join(DIM_KEYS)})")
+STUDENT_DIMS = flags.DEFINE_string("student_dims", None, "override preset student dims")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "rows per step (default: preset's)")
+SEQ_LEN = flags.DEFINE_integer("seq_len", None, "tokens per row (default: preset's)")
+FORMAT = flags.DEFINE_enum("format", "logits", ["logits", "blended"],
+                           "logits: forward KL on trace+answer tokens (union mean); blended: "
+                           "per-segment KL + CE")
+DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                          "compute dtype (f32 master weights either way; default: preset's)")
+STEPS = flags.DEFINE_integer("steps", None, "timed steps per implementation, after one "
+                             "untimed warm-up / compile step (default: preset's)")
+CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "tokens per chunk of the fused lm-head "
+                                  "loss (default: DistillConfig's)")
+TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "KL temperature (loss carries tau^2)")
+LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-4, "AdamW learning rate (both)")
+INIT_STD = flags.DEFINE_float("init_std", 0.02, "std of the random weights (initializer_range)")
+TORCH_BASELINE = flags.DEFINE_bool("torch_baseline", None, "also time the PyTorch step "
+                                   "(default: on CPU yes, on GPU no: torch here is CPU-only)")
+THREADS = flags.DEFINE_integer("threads", None, "torch threads (default: usable CPU cores)")
+PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "device peak for MFU (default 989 on GPU, "
+                                 "H100/H200 bf16 dense; no MFU on CPU unless given)")
+SEED = flags.DEFINE_integer("seed", 0, "weights and batch seed")
+OUT = flags.DEFINE_string("out", None, "write all numbers as JSON here (atomic)")
+
+
+# ------------------------------------------------------------------ configuration
+
+
+def parse_dims(spec: str | None, base: dict) -> dict:
+    """'hidden=512,layers=8' over the preset's dims; unknown keys or non-ints are errors."""
+    dims = dict(base)
+    if not spec:
+        return dims
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in DIM_KEYS:
+            raise app.UsageError(f"unknown dim {key!r} in {spec!r}; use {', '.join(DIM_KEYS)}")
+        try:
+            dims[key] = int(value)
+        except ValueError:
+            raise app.UsageError(f"dim {key}={value!r} in {spec!r} is not an integer")
+    return dims
+
+
+def check_dims(teacher: dict, student: dict):
+    if teacher["vocab"] != student["vocab"]:
+        raise app.UsageError(f"teacher and student need one vocabulary for the KL, got "
+                             f"{teacher['vocab']} and {student['vocab']}")
+    for who, d in (("teacher", teacher), ("student", student)):
+        if d["heads"] % d["kv_heads"]:
+            raise app.UsageError(f"{who}: heads={d['heads']} is not a multiple of "
+                                 f"kv_heads={d['kv_heads']}")
+        if "head_dim" not in d and d["hidden"] % d["heads"]:
+            raise app.UsageError(f"{who}: hidden={d['hidden']} is not divisible by "
+                                 f"heads={d['heads']}; give head_dim=")
+
+
+def head_dim(d: dict) -> int:
+    return d.get("head_dim") or d["hidden"] // d["heads"]
+
+
+def hf_config(d: dict, seq_len: int, init_std: float):
+    import transformers
+    return transformers.LlamaConfig(
+        vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["ffn"],
+        num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
+        num_key_value_heads=d["kv_heads"], head_dim=head_dim(d),
+        tie_word_embeddings=bool(d.get("tie", 0)), initializer_range=init_std,
+        max_position_embeddings=max(seq_len, 2048))
+
+
+def model_config(d: dict, seq_len: int):
+    from jdistill.config import ModelConfig
+    return ModelConfig(family="llama", vocab_size=d["vocab"], hidden_size=d["hidden"],
+                       intermediate_size=d["ffn"], num_layers=d["layers"], num_heads=d["heads"],
+                       num_kv_heads=d["kv_heads"], head_dim=head_dim(d),
+                       tie_word_embeddings=bool(d.get("tie", 0)),
+                       max_position_embeddings=max(seq_len, 2048))
+
+
+def matmul_params(d: dict) -> int:
+    """Parameters that take part in a matmul per token (lm head yes, embedding lookup no)."""
+    hd = head_dim(d)
+    layer = 2 * d["hidden"] * d["heads"] * hd + 2 * d["hidden"] * d["kv_heads"] * hd \
+        + 3 * d["hidden"] * d["ffn"]
+    return d["layers"] * layer + d["hidden"] * d["vocab"]
+
+
+def step_flops(teacher: dict, student: dict, batch_size: int, seq_len: int) -> float:
+    """Model FLOPs of one step (formula in the module docstring)."""
+    def fwd_per_token(d):
+        return 2 * matmul_params(d) + 4 * d["layers"] * d["heads"] * head_dim(d) * seq_len
+    return float(batch_size * seq_len * (fwd_per_token(teacher) + 3 * fwd_per_token(student)))
+
+
+def make_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> dict:
+    """One [1, B, T] batch in `data.Batcher`'s layout: a prompt (first quarter, unsupervised),
+    a trace, and an answer (last eighth); targets are the next tokens; no padding."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, (batch_size, seq_len + 1), dtype=np.int32)
+    segments = np.full((batch_size, seq_len), 1, np.int32)
+    segments[:, : seq_len // 4] = 0
+    segments[:, seq_len - max(1, seq_len // 8):] = 2
+    ones = np.ones((batch_size, seq_len), bool)
+    out = {"tokens": ids[:, :-1], "mask": ones, "targets": ids[:, 1:], "segments": segments,
+           "loss_mask": ones}
+    return {k: v[None] for k, v in out.items()}
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def warm_up(fn):
+    """(result, seconds) of the first call (compile / allocator warm-up; never timed)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def interleaved_times(fns: dict, steps: int) -> dict:
+    """Per-call seconds of each fn, called in turn `steps` times: on a shared, noisy machine
+    every implementation sees the same background load."""
+    times = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+# ------------------------------------------------------------------ ours
+
+
+def prepare_ours(teacher, student, batch: dict, cfg):
+    """(first-call info, one-step fn): `train.make_step` jitted with the state donated,
+    placed as `train.train` places it; each call waits for its results."""
+    from flax import nnx
+    from jdistill import sharding as sharding_lib
+    from jdistill import train
+
+    mesh = sharding_lib.make_mesh(devices=jax.devices()[:1])
+    s_graphdef, t_graphdef = nnx.split(student)[0], nnx.split(teacher)[0]
+    state, frozen, t_params, state_sh = train._place(student, train.pure_params(teacher), mesh,
+                                                     cfg)
+    replicated = sharding_lib.NamedSharding(mesh, sharding_lib.P())
+    step_fn = jax.jit(train.make_step(s_graphdef, t_graphdef, cfg), donate_argnums=0,
+                      out_shardings=(state_sh, replicated))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    box = {"state": state}
+
+    def one_step():
+        box["state"], metrics = step_fn(box["state"], frozen, t_params, batch)
+        jax.block_until_ready((box["state"], metrics))
+        return metrics
+
+    metrics, first_s = warm_up(one_step)
+    return {"first_loss": float(metrics["loss"]), "first_call_s": first_s,
+            "finite": bool(float(metrics["finite"]))}, one_step
+
+
+# ------------------------------------------------------------------ torch
+
+
+def torch_loss(s_logits, t_logits, batch: dict, fmt: str, temperature: float, weights):
+    """The loss of `train.FORMATS[fmt]` in torch (f32): logits = forward KL * tau^2 over the
+    trace and answer tokens (one mean); blended = per segment KL * tau^2 and CE, each
+    normalised by that segment's token count, weighted by `weights` (BlendWeights)."""
+    import torch
+    import torch.nn.functional as F
+
+    tau = temperature
+    ls = F.log_softmax(s_logits.float() / tau, dim=-1)
+    lt = F.log_softmax(t_logits.float() / tau, dim=-1)
+    kl = (lt.exp() * (lt - ls)).sum(-1)
+    seg, m = batch["segments"], batch["loss_mask"].float()
+    if fmt == "logits":
+        sup = m * (seg > 0)
+        return tau ** 2 * (kl * sup).sum() / sup.sum().clamp_min(1.0)
+    ce = F.cross_entropy(s_logits.float().flatten(0, 1), batch["targets"].flatten().long(),
+                         reduction="none").view_as(kl)
+    loss = torch.zeros(())
+    for seg_id, w_kl, w_ce in ((1, weights.trace_kl, weights.trace_ce),
+                               (2, weights.answer_kl, weights.answer_ce)):
+        sm = m * (seg == seg_id)
+        n = sm.sum().clamp_min(1.0)
+        loss = loss + w_kl * tau ** 2 * (kl * sm).sum() / n + w_ce * (ce * sm).sum() / n
+    return loss
+
+
+def prepare_torch(teacher, student, batch: dict, *, fmt, dtype, temperature, learning_rate,
+                  clip_norm, weights, threads):
+    """The same step with transformers models: teacher no_grad, student + AdamW + clipping.
+    bfloat16 = autocast over f32 master weights (our compute_dtype="bfloat16")."""
+    import contextlib
+    import torch
+
+    torch.set_num_threads(threads)
+    tb = {k: torch.from_numpy(np.asarray(v[0])) for k, v in batch.items()}
+    ids, mask = tb["tokens"].long(), tb["mask"].long()
+    teacher.eval().requires_grad_(False)
+    student.train()
+    if dtype == "bfloat16":
+        teacher.to(torch.bfloat16)
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+    opt = torch.optim.AdamW(student.parameters(), lr=learning_rate, weight_decay=0.0)
+
+    def one_step():
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad(), autocast():
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+        with autocast():
+            s_logits = student(input_ids=ids, attention_mask=mask).logits
+        loss = torch_loss(s_logits, t_logits, tb, fmt, temperature, weights)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
+        opt.step()
+        return loss.item()
+
+    first, first_s = warm_up(one_step)
+    return {"first_loss": first, "first_call_s": first_s,
+            "threads": torch.get_num_threads()}, one_step
+
+
+# ------------------------------------------------------------------ models
+
+
+def build_models(t_dims, s_dims, *, seq_len, dtype, init_std, seed, with_torch):
+    """(our teacher, our student, torch teacher, torch student). With torch the weights are
+    made by transformers and loaded through save_pretrained -> load_pretrained (identical
+    weights on both sides); without it we init ours directly (no torch needed, and no disk
+    round trip of a billion-parameter model)."""
+    import jdistill
+    if not with_torch:
+        t = jdistill.init_model(model_config(t_dims, seq_len), dtype=jnp.dtype(dtype), seed=seed)
+        s = jdistill.init_model(model_config(s_dims, seq_len), dtype=jnp.float32, seed=seed + 1)
+        return t, s, None, None
+    import torch
+    import transformers
+    hf = []
+    for i, d in enumerate((t_dims, s_dims)):
+        torch.manual_seed(seed + i)
+        hf.append(transformers.LlamaForCausalLM(hf_config(d, seq_len, init_std)))
+    with tempfile.TemporaryDirectory() as tmp:
+        hf[0].save_pretrained(f"{tmp}/teacher")
+        hf[1].save_pretrained(f"{tmp}/student")
+        # teacher straight in the compute dtype (it never trains); student f32 master weights
+        t = jdistill.load_pretrained(f"{tmp}/teacher", dtype=dtype)
+        s = jdistill.load_pretrained(f"{tmp}/student", dtype="float32")
+    return t, s, hf[0], hf[1]
+
+
+# ------------------------------------------------------------------ report
+
+
+def summarize(raw: dict, tokens: int) -> dict:
+    med = statistics.median(raw["times_s"])
+    return {**raw, "step_s": med, "tokens_per_s": tokens / med}
+
+
+def machine_info() -> dict:
+    dev = jax.devices()[0]
+    return {"jax_backend": jax.default_backend(), "device_kind": dev.device_kind,
+            "device_count": jax.device_count(), "cpu_count": usable_cpus(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "jax": jax.__version__, "date": datetime.datetime.now().astimezone().isoformat(
+                timespec="seconds")}
+
+
+def table(result: dict) -> str:
+    rows = [("impl", "step s (median)", "tokens/s", "first-step loss", "first call s")]
+    for name in ("ours", "torch"):
+        r = result.get(name)
+        if r:
+            rows.append((name, f"{r['step_s']:.4f}", f"{r['tokens_per_s']:,.0f}",
+                         f"{r['first_loss']:.6f}", f"{r['first_call_s']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    if "ratio_ours_over_torch" in result:
+        lines.append(f"ratio ours/torch (time) {result['ratio_ours_over_torch']:.3f}  "
+                     f"(goal <= 0.8; speed-up {1 / result['ratio_ours_over_torch']:.2f}x)")
+        lines.append(f"first-step loss |ours - torch| {result['loss_abs_diff']:.2e}")
+    if "mfu" in result:
+        lines.append(f"model TFLOP/step {result['flops_per_step'] / 1e12:.3g}  achieved "
+                     f"{result['achieved_tflops']:.1f} TFLOP/s  MFU {100 * result['mfu']:.1f}% "
+                     f"of {result['peak_tflops']:g}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str, obj: dict):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from jdistill import train
+
+    preset = PRESETS[PRESET.value]
+    t_dims = parse_dims(TEACHER_DIMS.value, preset["teacher"])
+    s_dims = parse_dims(STUDENT_DIMS.value, preset["student"])
+    check_dims(t_dims, s_dims)
+    batch_size = BATCH_SIZE.value or preset["batch_size"]
+    seq_len = SEQ_LEN.value or preset["seq_len"]
+    dtype = DTYPE.value or preset["dtype"]
+    steps = STEPS.value or preset["steps"]
+    on_gpu = jax.default_backend() == "gpu"
+    with_torch = (not on_gpu) if TORCH_BASELINE.value is None else TORCH_BASELINE.value
+    threads = THREADS.value or usable_cpus()
+    cfg_kw = {} if CHUNK_SIZE.value is None else {"chunk_size": CHUNK_SIZE.value}
+    cfg = train.DistillConfig(steps=steps + 1, format=FORMAT.value, temperature=TEMPERATURE.value,
+                              learning_rate=LEARNING_RATE.value, compute_dtype=dtype,
+                              seed=SEED.value, **cfg_kw)
+    tokens = batch_size * seq_len
+
+    teacher, student, hf_t, hf_s = build_models(t_dims, s_dims, seq_len=seq_len, dtype=dtype,
+                                                init_std=INIT_STD.value, seed=SEED.value,
+                                                with_torch=with_torch)
+    batch = make_batch(t_dims["vocab"], batch_size, seq_len, SEED.value)
+    result = {
+        "settings": {"preset": PRESET.value, "teacher_dims": t_dims, "student_dims": s_dims,
+                     "batch_size": batch_size, "seq_len": seq_len, "tokens_per_step": tokens,
+                     "format": FORMAT.value, "dtype": dtype, "steps": steps,
+                     "chunk_size": cfg.chunk_size, "temperature": TEMPERATURE.value,
+                     "learning_rate": LEARNING_RATE.value, "init_std": INIT_STD.value,
+                     "torch_baseline": with_torch},
+        "teacher_params": model_config(t_dims, seq_len).num_params(),
+        "student_params": model_config(s_dims, seq_len).num_params(),
+        "machine": machine_info(),
+    }
+    print(f"teacher {result['teacher_params']:,} params {t_dims}\nstudent "
+          f"{result['student_params']:,} params {s_dims}\nbatch {batch_size} x {seq_len}, "
+          f"format {FORMAT.value}, {dtype}, {steps} timed steps; jax "
+          f"{result['machine']['jax_backend']} ({result['machine']['device_kind']})", flush=True)
+
+    info, fns = {}, {}
+    info["ours"], fns["ours"] = prepare_ours(teacher, student, batch, cfg)
+    del teacher, student  # the step holds its own copies; free the originals
+    if with_torch:
+        weights, _ = cfg.blend
+        info["torch"], fns["torch"] = prepare_torch(
+            hf_t, hf_s, batch, fmt=FORMAT.value, dtype=dtype, temperature=TEMPERATURE.value,
+            learning_rate=LEARNING_RATE.value, clip_norm=cfg.clip_norm, weights=weights,
+            threads=threads)
+    for name, times in interleaved_times(fns, steps).items():
+        result[name] = summarize({**info[name], "times_s": times}, tokens)
+    if with_torch:
+        result["ratio_ours_over_torch"] = result["ours"]["step_s"] / result["torch"]["step_s"]
+        result["loss_abs_diff"] = abs(result["ours"]["first_loss"] - result["torch"]["first_loss"])
+
+    flops = step_flops(t_dims, s_dims, batch_size, seq_len)
+    result["flops_per_step"] = flops
+    peak = PEAK_TFLOPS.value or (989.0 if on_gpu else None)
+    if peak:
+        achieved = flops / result["ours"]["step_s"] / 1e12
+        result.update(peak_tflops=peak, achieved_tflops=achieved, mfu=achieved / peak)
+    print(table(result), flush=True)
+    if OUT.value:
+        write_json_atomic(OUT.value, result)
+        print(f"wrote {OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
