@@ -1,0 +1,405 @@
+"""In-domain classification tasks: small declarative specs, loading, subsampling, prompts.
+
+A task is a `TaskSpec` (frozen dataclass): where each split's rows live, which columns hold
+the text and the label, the label names, the prompt template and how an answer is written.
+Everything else is a pure function of a spec:
+
+  load_split(task, "test")          -> [(text, label_index)]
+  subsample(examples, n, seed)      -> stratified, seeded, nested subset
+  prompt(task, text), answer(task, i), to_records(task, examples) -> {"prompt", "answer"}
+    records, the JSONL format `jdistill.data.read_examples` reads and `experiments.distill
+    --data` consumes.
+
+Shipped specs: `twitter_topics` (default, 20 classes) and `reuters35` (35 classes); any
+labelled headline file (FinHeadlineMix-shaped: a `text` or `headline` column and a `label`
+column; .csv / .jsonl / .json / .parquet) becomes a task with `task_from_file`.
+
+Prompt choice (why): prompts are short plain text ending in "Topic:" and the answer is
+" <label name>". The label names are *not* listed by default: for 35 classes the list costs
+~100 tokens per example in every distillation step, and log-likelihood scoring restricts
+the output to the label set anyway. A template may list them with a `{labels}` field
+(comma-separated names) where a zero-shot, generating teacher needs them.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+DATA_ROOT = Path("/work/shared/data")  # the shipped data (see its MANIFEST.md)
+TEXT_COLUMNS = ("text", "headline")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFile:
+    """One split's rows: a data file, optionally only the rows where column == value for
+    every (column, value) pair in `where` (e.g. Reuters' ModApte split column)."""
+
+    path: str
+    where: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A text classification task.
+
+    Attributes:
+      name: short identifier (results rows, file names).
+      splits: split name -> `SplitFile`.
+      label_names: the classes, in index order. A file's label may be an int (or a string of
+        digits) indexing this list, or the name itself.
+      text_field: the text column; None = the first of `text`, `headline` present.
+      label_field: the label column.
+      template: prompt template with a `{text}` field (and optionally `{labels}`).
+      answer_prefix: what precedes the label name in the answer (" " after "Topic:").
+      filter_rows: the files hold more than the task: rows with an empty text or a label
+        outside `label_names` are skipped (otherwise they are errors).
+      description: one line for humans.
+    """
+
+    name: str
+    splits: dict
+    label_names: tuple
+    text_field: str | None = None
+    label_field: str = "label"
+    template: str = "Classify the topic of this financial news headline.\nHeadline: {text}\nTopic:"
+    answer_prefix: str = " "
+    filter_rows: bool = False
+    description: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "label_names", tuple(str(n) for n in self.label_names))
+        if not self.label_names:
+            raise ValueError(f"task {self.name!r}: label_names is empty")
+        dupes = [n for n, c in collections.Counter(self.label_names).items() if c > 1]
+        if dupes:
+            raise ValueError(f"task {self.name!r}: duplicate label names {dupes}")
+        if any(not n.strip() for n in self.label_names):
+            raise ValueError(f"task {self.name!r}: a label name is blank")
+        check_template(self.template)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+def check_template(template: str) -> None:
+    """Raises unless `template` has a `{text}` field and no fields besides text / labels."""
+    if "{text}" not in template:
+        raise ValueError(f"prompt template {template!r} has no {{text}} field; write where "
+                         "the input goes, e.g. 'Headline: {text}\\nTopic:'")
+    try:
+        template.format(text="", labels="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"prompt template {template!r}: {e!r}; only {{text}} and {{labels}} "
+                         "may appear (write literal braces as {{ and }})") from None
+
+
+# ------------------------------------------------------------------ shipped tasks
+
+TWITTER_LABELS = (
+    "Analyst Update", "Fed | Central Banks", "Company | Product News",
+    "Treasuries | Corporate Debt", "Dividend", "Earnings", "Energy | Oil", "Financials",
+    "Currencies", "General News | Opinion", "Gold | Metals | Materials", "IPO",
+    "Legal | Regulation", "M&A | Investments", "Macro", "Markets", "Politics",
+    "Personnel Change", "Stock Commentary", "Stock Movement")
+
+# The 35 most frequent single-topic ModApte topics, most frequent first (MANIFEST.md).
+REUTERS_LABELS = (
+    "earn", "acq", "crude", "trade", "money-fx", "interest", "money-supply", "ship", "sugar",
+    "coffee", "gold", "gnp", "cpi", "cocoa", "grain", "alum", "reserves", "jobs", "copper",
+    "ipi", "rubber", "iron-steel", "nat-gas", "bop", "veg-oil", "tin", "cotton", "wpi",
+    "orange", "retail", "pet-chem", "gas", "livestock", "housing", "strategic-metal")
+
+
+def twitter_topics(root=DATA_ROOT) -> TaskSpec:
+    """Twitter financial news topics, 20 classes (the default in-domain task).
+
+    "test" is the published validation file (the data set has no other held-out split).
+    """
+    d = Path(root) / "finance/twitter_financial_news_topic"
+    return TaskSpec(
+        name="twitter_topics",
+        splits={"train": SplitFile(str(d / "topic_train.csv")),
+                "test": SplitFile(str(d / "topic_valid.csv"))},
+        label_names=TWITTER_LABELS, text_field="text",
+        template="Classify the topic of this financial news tweet.\nTweet: {text}\nTopic:",
+        description="zeroshot/twitter-financial-news-topic: 16,990 train / 4,117 test tweets")
+
+
+def reuters35(root=DATA_ROOT) -> TaskSpec:
+    """Reuters-21578 headlines, ModApte split, single-topic, 35 most frequent topics
+    (6,415 train / 2,505 test). Labels are the Reuters topic codes (e.g. 'acq')."""
+    f = str(Path(root) / "finance/reuters21578/reuters21578_titles_topics.csv")
+    return TaskSpec(
+        name="reuters35",
+        splits={s: SplitFile(f, (("topics_attr", "YES"), ("lewissplit", s.upper())))
+                for s in ("train", "test")},
+        label_names=REUTERS_LABELS, text_field="title", label_field="topics",
+        template="Classify the topic of this Reuters news headline.\nHeadline: {text}\nTopic:",
+        filter_rows=True,
+        description="Reuters-21578 ModApte titles, 35 topics (earn/acq ~70%)")
+
+
+TASKS = {"twitter_topics": twitter_topics, "reuters35": reuters35}
+DEFAULT_TASK = "twitter_topics"
+
+
+def get_task(name_or_path: str, *, split: str = "test", label_names=None) -> TaskSpec:
+    """A shipped task by name, or `task_from_file` for a path to a data file."""
+    if name_or_path in TASKS:
+        return TASKS[name_or_path]()
+    if Path(name_or_path).suffix.lower() in READERS:
+        return task_from_file(name_or_path, label_names, split=split)
+    raise ValueError(f"unknown task {name_or_path!r}: use one of {sorted(TASKS)} or a path to "
+                     f"a labelled {'/'.join(READERS)} file")
+
+
+def task_from_file(path, label_names=None, *, split: str = "test", name: str | None = None,
+                   template: str | None = None, text_field: str | None = None,
+                   label_field: str = "label", answer_prefix: str = " ") -> TaskSpec:
+    """A task from a user's labelled file(s), e.g. FinHeadlineMix.
+
+    Args:
+      path: one file (it becomes split `split`) or a dict split -> file.
+      label_names: the classes in index order. None: the sorted distinct string labels of
+        all the files (integer labels then need names: an error says so).
+      text_field: None = `text`, else `headline`.
+    """
+    files = {split: path} if isinstance(path, (str, Path)) else dict(path)
+    if not files:
+        raise ValueError("task_from_file: no files given")
+    if label_names is None:
+        label_names = infer_label_names(files.values(), label_field)
+    first = Path(next(iter(files.values())))
+    return TaskSpec(
+        name=name or first.stem, splits={s: SplitFile(str(p)) for s, p in files.items()},
+        label_names=tuple(label_names), text_field=text_field, label_field=label_field,
+        template=template or TaskSpec.template, answer_prefix=answer_prefix,
+        description=f"user file(s) {sorted(str(p) for p in files.values())}")
+
+
+def infer_label_names(paths, label_field: str = "label") -> tuple:
+    """Sorted distinct labels of the files; integer labels cannot name themselves."""
+    seen = set()
+    for p in paths:
+        rows = read_rows(p)
+        for i, row in enumerate(rows, 1):
+            if label_field not in row:
+                raise ValueError(f"{p} row {i}: no {label_field!r} column (columns: "
+                                 f"{sorted(row)}); pass label_field=")
+            v = row[label_field]
+            if isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().isdigit()):
+                raise ValueError(f"{p} row {i}: label {v!r} is an integer index; pass "
+                                 "label_names (the class names in index order, e.g. "
+                                 "--label_names=names.txt with one name a line)")
+            seen.add(str(v).strip())
+    if not seen:
+        raise ValueError(f"no labels in {list(map(str, paths))}")
+    return tuple(sorted(seen))
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i}: not JSON ({e.msg}); each line must be "
+                                 "one JSON object") from None
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, list) else [data]
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    # pyarrow directly (what `datasets` reads parquet with): no cache directory is written.
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_json,
+           ".parquet": _read_parquet}
+
+
+def read_rows(path) -> list[dict]:
+    """All rows of a .csv / .jsonl / .json / .parquet file as dicts."""
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"unsupported data file {path}: use one of {sorted(READERS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    return reader(path)
+
+
+def label_index(value, names: tuple) -> int | None:
+    """A file's label -> index: the name itself first, then an int (or digit string) index.
+    None when it is neither."""
+    if isinstance(value, str):
+        v = value.strip()
+        if v in names:
+            return names.index(v)
+        if v.lstrip("-").isdigit():
+            value = int(v)
+        else:
+            return None
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)) and 0 <= value < len(names):
+        return int(value)
+    if isinstance(value, float) and value.is_integer() and 0 <= value < len(names):
+        return int(value)
+    return None
+
+
+def load_split(task: TaskSpec, split: str) -> list[tuple[str, int]]:
+    """[(text, label_index)] of one split, in file order.
+
+    Errors name the file and the 1-based data row (header excluded) and the fix: a missing
+    text or label column, a label outside the label list, an empty text, an empty split.
+    With `task.filter_rows`, empty texts and unlisted labels are skipped instead.
+    """
+    if split not in task.splits:
+        raise ValueError(f"task {task.name!r} has no split {split!r}; it has "
+                         f"{sorted(task.splits)}")
+    source = task.splits[split]
+    rows = read_rows(source.path)
+    for column, value in source.where:
+        if rows and column not in rows[0]:
+            raise ValueError(f"{source.path}: no column {column!r} to select split {split!r}")
+    out = []
+    text_field = None
+    for i, row in enumerate(rows, 1):
+        if any(str(row.get(c)) != v for c, v in source.where):
+            continue
+        if text_field is None:
+            text_field = _text_field(task, row, source.path, i)
+        if task.label_field not in row:
+            raise ValueError(f"{source.path} row {i}: no label column {task.label_field!r} "
+                             f"(columns: {sorted(row)})")
+        text = row.get(text_field)
+        text = "" if text is None else str(text).strip()
+        idx = label_index(row[task.label_field], task.label_names)
+        if task.filter_rows and (not text or idx is None):
+            continue
+        if idx is None:
+            raise ValueError(
+                f"{source.path} row {i}: label {row[task.label_field]!r} is not one of the "
+                f"{task.num_classes} label names of task {task.name!r} nor an index < "
+                f"{task.num_classes}; fix the row or pass the full label list")
+        if not text:
+            raise ValueError(f"{source.path} row {i}: empty {text_field!r}; remove the row")
+        out.append((text, idx))
+    if not out:
+        raise ValueError(f"split {split!r} of task {task.name!r} ({source.path}"
+                         f"{' where ' + str(dict(source.where)) if source.where else ''}) "
+                         "has no examples")
+    return out
+
+
+def _text_field(task: TaskSpec, row: dict, path, i: int) -> str:
+    names = [task.text_field] if task.text_field else list(TEXT_COLUMNS)
+    found = next((n for n in names if n in row), None)
+    if found is None:
+        raise ValueError(f"{path} row {i}: no text column (looked for {names}; columns: "
+                         f"{sorted(row)}); rename it or pass text_field=")
+    return found
+
+
+# ------------------------------------------------------------------ subsampling
+
+
+def subsample(examples: list, n: int, seed: int = 0) -> list:
+    """A stratified, seeded subset of `n` examples (dataset size is a swept knob).
+
+    Per-class proportional allocation by systematic sampling: within each class the examples
+    are shuffled (seeded) and the j-th gets the key (j + 0.5) / n_class; the n smallest keys
+    are kept (ties broken by a seeded draw). So every class gets n * n_class / N examples up
+    to rounding (within ±1), a fixed seed is deterministic, and subsets are *nested*: the
+    subset of size n is a prefix of the one of size n' > n, so a data-size sweep adds data
+    rather than redrawing it. Returned in key order (classes interleaved).
+
+    n larger than len(examples) is an error, not a silent cap: a sweep point labelled with
+    a size it did not use would corrupt the data-size axis of the fitted laws.
+    """
+    if n < 0:
+        raise ValueError(f"subsample size must be >= 0, got {n}")
+    if n > len(examples):
+        raise ValueError(f"asked for {n} examples but only {len(examples)} are available; "
+                         f"use n <= {len(examples)}")
+    rng = np.random.default_rng(seed)
+    by_class = collections.defaultdict(list)
+    for i, (_, label) in enumerate(examples):
+        by_class[label].append(i)
+    index, key = [], []
+    for label in sorted(by_class):
+        members = np.asarray(by_class[label])[rng.permutation(len(by_class[label]))]
+        index.extend(members.tolist())
+        key.extend(((np.arange(len(members)) + 0.5) / len(members)).tolist())
+    tiebreak = rng.random(len(index))
+    order = np.lexsort((tiebreak, np.asarray(key)))[:n]
+    return [examples[index[k]] for k in order]
+
+
+# ------------------------------------------------------------------ prompts and records
+
+
+def prompt(task: TaskSpec, text: str) -> str:
+    """The prompt for one input text."""
+    return task.template.format(text=text, labels=", ".join(task.label_names))
+
+
+def answer(task: TaskSpec, label: int) -> str:
+    """The answer string for label index `label` (e.g. ' Earnings')."""
+    return task.answer_prefix + task.label_names[label]
+
+
+def to_records(task: TaskSpec, examples: list) -> list[dict]:
+    """[{"prompt", "answer"}] supervision records (label format)."""
+    return [{"prompt": prompt(task, text), "answer": answer(task, label)}
+            for text, label in examples]
+
+
+def class_counts(task: TaskSpec, examples: list) -> dict:
+    """label name -> count (for logs and reports)."""
+    counts = collections.Counter(label for _, label in examples)
+    return {name: counts.get(i, 0) for i, name in enumerate(task.label_names)}
+
+
+def write_records(path, records: list[dict]) -> Path:
+    """Writes records as JSONL atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
