@@ -1,0 +1,374 @@
+"""One study cell end to end: teacher correction -> prune -> distill -> evaluate -> a row.
+
+The same library calls the single-stage mains make (`experiments.correct_teacher`, `prune`,
+`supervise`, `distill`, `evaluate`), run in one process so that a sweep pays Python/JAX
+start-up and XLA compilation once per shape rather than once per main. Every stage shared
+between cells is cached by its inputs in CACHE/ (see `sweep.cached_stage`): the corrected
+teacher, the teacher's importance scores and evaluation, CoT traces, the pruned models.
+
+Stage keys include the *identity* of their inputs (teacher files by size and mtime, data
+files by content, all settings), so a changed input recomputes exactly what depends on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+import jdistill
+from jdistill import data, evaluate, formats, pruning, results, supervision, sweep, tasks, train
+from jdistill.pruning import report as prune_report
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a study cell depends on besides the cell itself."""
+
+    teacher: str                       # HF directory or .gguf file
+    task: str = tasks.DEFAULT_TASK     # shipped task name or a labelled data file
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_examples: int = 200           # in-domain test examples (stratified, seeded)
+    general: tuple = ("arc_easy", "piqa")
+    general_limit: int = 100
+    eval_batch_size: int = 16
+    # teacher correction (0 steps: use the teacher as it is)
+    correction_steps: int = 30
+    correction_learning_rate: float = 5e-5
+    correction_examples: int = 512
+    # pruning
+    axes: tuple = ("mlp", "heads", "hidden")
+    importance: str = "activation"
+    calib_samples: int = 64
+    calib_seq_len: int = 64
+    # distillation
+    steps: int = 40
+    batch_size: int = 8
+    seq_len: int = 96
+    learning_rate: float = 2e-4
+    warmup_steps: int = 4
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_learning_rate: float = 1e-3
+    # CoT traces
+    trace_max_new_tokens: int = 40
+    trace_batch_size: int = 16
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_task(spec: str, train_split: str, eval_split: str) -> tasks.TaskSpec:
+    """A shipped task name, or the user's files as "train=FILE,test=FILE" (a study needs a
+    split to train on and a disjoint one to evaluate)."""
+    if spec in tasks.TASKS:
+        return tasks.get_task(spec)
+    try:
+        files = dict(kv.split("=", 1) for kv in spec.split(","))
+    except ValueError:
+        files = {}
+    if set(files) != {train_split, eval_split}:
+        raise ValueError(f"task {spec!r}: give a shipped task ({sorted(tasks.TASKS)}) or both "
+                         f"splits of your data, e.g. {train_split}=train.csv,{eval_split}="
+                         "test.csv (text/headline + label columns)")
+    return tasks.task_from_file(files, name=Path(files[train_split]).stem)
+
+
+class Study:
+    """Shared state of a sweep process: the teacher, task, caches and mesh."""
+
+    def __init__(self, settings: Settings, cache_dir, *, mesh=None,
+                 log: Callable[[str], None] = print):
+        self.s, self.cache, self.mesh, self.log = settings, Path(cache_dir), mesh, log
+        self.task = load_task(settings.task, settings.train_split, settings.eval_split)
+        self._teacher_dir = None
+        self._models = {}
+
+    # ------------------------------------------------------------ inputs
+
+    @property
+    def original_teacher_dir(self) -> Path:
+        t = Path(self.s.teacher)
+        if t.suffix.lower() == ".gguf":
+            from jdistill import gguf
+            return gguf.cached_import(t)
+        if not (t / "config.json").exists():
+            raise FileNotFoundError(f"teacher {t}: no config.json; give an HF checkpoint "
+                                    "directory or a .gguf file")
+        return t
+
+    def train_examples(self, n: int) -> list:
+        """The first n of the nested, stratified, seeded train subsets (size is swept)."""
+        return tasks.subsample(tasks.load_split(self.task, self.s.train_split), n, seed=0)
+
+    def eval_examples(self) -> list:
+        examples = tasks.load_split(self.task, self.s.eval_split)
+        n = min(self.s.eval_examples, len(examples))
+        return tasks.subsample(examples, n, seed=0)
+
+    def _identity(self, path) -> dict:
+        return supervision.model_identity(path)
+
+    # ------------------------------------------------------------ teacher
+
+    def teacher_dir(self) -> Path:
+        """The corrected teacher (fine-tuned on the task; cached), or the teacher itself."""
+        if self._teacher_dir is not None:
+            return self._teacher_dir
+        original = self.original_teacher_dir
+        if self.s.correction_steps == 0:
+            self._teacher_dir = original
+            return original
+        examples = self.train_examples(min(self.s.correction_examples,
+                                           len(tasks.load_split(self.task,
+                                                                self.s.train_split))))
+        settings = {k: getattr(self.s, k) for k in
+                    ("task", "train_split", "correction_steps", "correction_learning_rate",
+                     "correction_examples", "batch_size", "seq_len")}
+        key = sweep.stage_key(teacher=self._identity(original), **settings)
+
+        def build(tmp):
+            self.log(f"[teacher correction] {self.s.correction_steps} steps of label CE on "
+                     f"{len(examples)} {self.task.name} examples")
+            model = jdistill.load_pretrained(original, mesh=self.mesh)
+            records = tasks.to_records(self.task, examples)
+            cfg = train.DistillConfig(steps=self.s.correction_steps, format="label",
+                                      learning_rate=self.s.correction_learning_rate,
+                                      warmup_steps=min(5, self.s.correction_steps - 1))
+            # a stable workdir (not inside tmp): a killed correction resumes from its checkpoint
+            run_dir = self.cache / f"teacher-{key[:16]}.run"
+            result = self._train(model, None, records, cfg, run_dir, with_reasoning=False)
+            jdistill.save_pretrained(result.student, tmp / "model")
+            prune_report.atomic_write_json(tmp / "correction.json", {
+                "teacher": str(original), "examples": len(examples), "settings": settings,
+                "final_metrics": result.final_metrics, "seconds": result.seconds})
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+        self._teacher_dir = sweep.cached_stage(self.cache, "teacher", key, build,
+                                               self.log) / "model"
+        return self._teacher_dir
+
+    def teacher(self):
+        return self._load(self.teacher_dir())
+
+    def _load(self, path):
+        path = str(path)
+        if path not in self._models:  # the teacher is used by many cells: load it once
+            self._models = {path: jdistill.load_pretrained(path, mesh=self.mesh)}
+        return self._models[path]
+
+    # ------------------------------------------------------------ pruning
+
+    def calibration(self, model_dir):
+        tok = data.load_tokenizer(model_dir)
+        texts = [tasks.prompt(self.task, t) for t, _ in self.train_examples(
+            min(1024, len(tasks.load_split(self.task, self.s.train_split))))]
+        batches = data.calibration_batches(tok, texts, num_samples=self.s.calib_samples,
+                                           seq_len=self.s.calib_seq_len, batch_size=8, seed=0)
+        return batches
+
+    def scores(self, model, model_key: str) -> dict:
+        """Importance scores of `model` on the task's calibration prompts (cached)."""
+        key = sweep.stage_key(model=model_key, importance=self.s.importance,
+                              samples=self.s.calib_samples, seq_len=self.s.calib_seq_len,
+                              task=self.s.task)
+
+        def build(tmp):
+            t0 = time.perf_counter()
+            batches = self.calibration(self.teacher_dir())
+            s = pruning.compute_scores(model, batches, self.s.importance, "block")
+            prune_report.save_scores(tmp / "scores.npz",
+                                     jax.tree_util.tree_map(np.asarray, s))
+            prune_report.plot_scores(jax.tree_util.tree_map(np.asarray, s),
+                                     tmp / "importance.png",
+                                     title=f"{self.s.importance} importance")
+            self.log(f"[scores] {time.perf_counter() - t0:.1f}s")
+
+        return prune_report.load_scores(
+            sweep.cached_stage(self.cache, "scores", key, build, self.log) / "scores.npz")
+
+    def prune_to(self, model, ratio_vs_model: float, model_key: str):
+        """`model` shrunk by `ratio_vs_model` along the settings' axes (scores cached)."""
+        scores = self.scores(model, model_key)
+        dims = pruning.dims_for_ratio(model.config, ratio_vs_model, list(self.s.axes))
+        masks = pruning.select_masks(scores, model.config, dims)
+        return pruning.slice_model(model, masks, mesh=self.mesh)
+
+    def one_shot(self, ratio: float) -> Path:
+        """The teacher pruned to `ratio` in one step (cached, shared by formats/methods)."""
+        t_dir = self.teacher_dir()
+        key = sweep.stage_key(teacher=self._identity(t_dir), ratio=ratio, axes=self.s.axes,
+                              importance=self.s.importance, samples=self.s.calib_samples,
+                              seq_len=self.s.calib_seq_len, task=self.s.task)
+
+        def build(tmp):
+            student = self.prune_to(self.teacher(), ratio,
+                                    json.dumps(self._identity(t_dir), sort_keys=True))
+            self.log(f"[prune] ratio {ratio:g}: {pruning.Dims.of(student.config).as_dict()} "
+                     f"-> {student.config.num_params():,} params")
+            jdistill.save_pretrained(student, tmp / "model")
+
+        return sweep.cached_stage(self.cache, "pruned", key, build, self.log) / "model"
+
+    # ------------------------------------------------------------ distillation
+
+    def records(self, fmt: str, examples: list) -> tuple[list[dict], dict]:
+        prompts = [tasks.prompt(self.task, t) for t, _ in examples]
+        answers = [tasks.answer(self.task, y) for _, y in examples]
+        settings = supervision.TraceSettings(max_new_tokens=self.s.trace_max_new_tokens,
+                                             batch_size=self.s.trace_batch_size,
+                                             recipe="{prompt}")
+        t_dir = self.teacher_dir()
+        return formats.build_records(
+            fmt, prompts, answers, texts=[t for t, _ in examples],
+            gold=[y for _, y in examples], label_names=list(self.task.label_names),
+            teacher_dir=t_dir, cache_dir=self.cache / "traces", settings=settings,
+            model=self.teacher() if fmt in ("cot", "blended") else None, log=self.log)
+
+    def _train(self, student, teacher, records, cfg, workdir, *, with_reasoning: bool):
+        tok = data.load_tokenizer(student.source_path)
+        encoded = supervision.encode_records(tok, records, student.config,
+                                             with_reasoning=with_reasoning)
+        cut = sum(len(ids) > self.s.seq_len + 1 for ids, _ in encoded)
+        if cut:
+            self.log(f"warning: {cut}/{len(encoded)} examples are longer than seq_len="
+                     f"{self.s.seq_len} and lose their answer tokens; raise seq_len")
+        pad = student.config.pad_token_id if student.config.pad_token_id is not None else 0
+        batcher = data.Batcher(encoded, batch_size=self.s.batch_size, seq_len=self.s.seq_len,
+                               seed=cfg.seed, pad_id=pad)
+        return train.train(student, teacher, batcher, cfg, workdir=workdir, mesh=self.mesh,
+                           checkpoint_every=max(10, cfg.steps // 2), keep_checkpoints=1,
+                           log_every=max(1, cfg.steps // 5), log=self.log)
+
+    def distill_config(self, cell: sweep.Cell, steps: int) -> train.DistillConfig:
+        lora = cell.method == "lora"
+        return train.DistillConfig(
+            steps=steps, format=cell.format, seed=cell.seed,
+            learning_rate=self.s.lora_learning_rate if lora else self.s.learning_rate,
+            warmup_steps=min(self.s.warmup_steps, steps - 1),
+            lora_rank=self.s.lora_rank if lora else 0, lora_alpha=self.s.lora_alpha)
+
+    def distill(self, cell: sweep.Cell, student, records, workdir, steps: int):
+        cfg = self.distill_config(cell, steps)
+        teacher = self.teacher() if cfg.needs_teacher else None
+        return self._train(student, teacher, records, cfg, workdir,
+                           with_reasoning=cell.format in ("cot", "blended"))
+
+    def student_for(self, cell: sweep.Cell, records, workdir: Path):
+        """(trained student, train seconds, tokens seen, final train metrics) for a cell: one-shot prunes once and
+        distils `steps`; iterative prunes in `prune_steps` steps, re-scoring the current
+        student and distilling steps/k after each (Minitron-style recovery in between)."""
+        if cell.schedule == "one_shot":
+            student = self._load_fresh(self.one_shot(cell.ratio))
+            r = self.distill(cell, student, records, workdir / "distill", self.s.steps)
+            return r.student, r.seconds, r.tokens_seen, r.final_metrics
+        ratios = pruning.compression_schedule(cell.ratio, cell.prune_steps, "geometric")
+        per_step = max(1, self.s.steps // len(ratios))
+        model = self.teacher()
+        original = model.config.num_params()
+        seconds = tokens = 0
+        for k, target in enumerate(ratios, 1):
+            relative = model.config.num_params() / (original / target)
+            teacher_key = json.dumps(self._identity(self.teacher_dir()), sort_keys=True)
+            # step 1 scores the teacher (shared with one-shot); later steps a trained student
+            key = teacher_key if k == 1 else f"{cell.id}/step{k}/{teacher_key}"
+            model = self.prune_to(model, relative, key)
+            self.log(f"[prune] iterative step {k}/{len(ratios)}: ratio {target:.3g} -> "
+                     f"{model.config.num_params():,} params")
+            steps = per_step if k < len(ratios) else self.s.steps - per_step * (k - 1)
+            r = self.distill(cell, model, records, workdir / f"distill{k}", steps)
+            model, seconds, tokens = r.student, seconds + r.seconds, tokens + r.tokens_seen
+        return model, seconds, tokens, r.final_metrics
+
+    def _load_fresh(self, path):
+        return jdistill.load_pretrained(path, mesh=self.mesh)
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self, model, label: str) -> dict:
+        """In-domain accuracy / macro-F1 (label log-likelihood) and the general benchmarks."""
+        tok = data.load_tokenizer(model.source_path or self.teacher_dir())
+        examples = self.eval_examples()
+        bs = self.s.eval_batch_size
+        r = evaluate.evaluate_classification(model, tok, self.task, examples, batch_size=bs,
+                                             mesh=self.mesh, progress=f"{label} in-domain")
+        m = {"in_domain_accuracy": r["accuracy"],
+             "in_domain_accuracy_stderr": r["accuracy_stderr"],
+             "in_domain_macro_f1": r["macro_f1"], "in_domain_error": 1.0 - r["accuracy"],
+             "in_domain_chance": 1.0 / self.task.num_classes}
+        general = {}
+        for name in self.s.general:
+            items = evaluate.load_benchmark(name, limit=self.s.general_limit, seed=0)
+            g = evaluate.evaluate_mc(model, tok, items, batch_size=bs, mesh=self.mesh,
+                                     progress=f"{label} {name}")
+            general[name] = {**g, "chance": float(np.mean([1 / len(it.choices)
+                                                           for it in items]))}
+        if general:
+            scores = [g["acc_norm"] for g in general.values()]
+            errs = [g["acc_norm_stderr"] for g in general.values()]
+            m.update({"general": general, "general_score": float(np.mean(scores)),
+                      "general_score_stderr": float(np.sqrt(np.sum(np.square(errs)))
+                                                    / len(errs)),
+                      "general_chance": float(np.mean([g["chance"]
+                                                       for g in general.values()]))})
+        return m
+
+    def eval_key(self) -> dict:
+        return {k: getattr(self.s, k) for k in ("task", "eval_split", "eval_examples",
+                                                 "general", "general_limit")}
+
+    def teacher_row(self, corrected: bool = True) -> dict:
+        """The reference row (compression 1.0) of the corrected (or original) teacher."""
+        t_dir = self.teacher_dir() if corrected else self.original_teacher_dir
+        main = "sweep_teacher" if corrected else "sweep_teacher_original"
+        start = time.perf_counter()
+        key = sweep.stage_key(model=self._identity(t_dir), **self.eval_key())
+
+        def build(tmp):
+            model = self._load(t_dir)
+            label = "teacher" if corrected else "original teacher"
+            prune_report.atomic_write_json(tmp / "metrics.json", {
+                "params": model.config.num_params(), "metrics": self.evaluate(model, label)})
+
+        done = json.loads((sweep.cached_stage(self.cache, "teacher_eval", key, build, self.log)
+                           / "metrics.json").read_text())
+        n = done["params"]
+        return {**results.run_metadata(), "main": main,
+                "cell": {"id": "teacher" if corrected else "teacher-original", "ratio": 1.0,
+                         "format": "teacher", "method": "none", "schedule": "none",
+                         "prune_steps": 0, "examples": 0, "seed": 0},
+                "compression_ratio": 1.0, "student_params": n, "teacher_params": n,
+                "teacher": {"path": str(t_dir), "original": str(self.s.teacher)},
+                "data": {"task": self.task.name, "examples": 0},
+                "settings": self.s.as_dict(),
+                "metrics": done["metrics"],
+                "wall_time_s": time.perf_counter() - start}
+
+    # ------------------------------------------------------------ a cell
+
+    def run_cell(self, cell: sweep.Cell, work_dir: Path) -> dict:
+        """Runs one cell (resuming its training checkpoints) and returns its results row."""
+        start = time.perf_counter()
+        examples = self.train_examples(cell.examples)
+        records, trace_stats = self.records(cell.format, examples)
+        student, train_s, tokens, train_metrics = self.student_for(cell, records, Path(work_dir))
+        teacher_params = self.teacher().config.num_params()
+        n = student.config.num_params()
+        metrics = self.evaluate(student, cell.id)
+        return {**results.run_metadata(), "main": "sweep_cell", "cell": cell.as_dict(),
+                "compression_ratio": teacher_params / n, "student_params": n,
+                "teacher_params": teacher_params,
+                "student_dims": pruning.Dims.of(student.config).as_dict(),
+                "teacher": {"path": str(self.teacher_dir()), "original": str(self.s.teacher)},
+                "data": {"task": self.task.name, "examples": cell.examples,
+                         "records": len(records), "traces": trace_stats,
+                         "tokens_seen": tokens},
+                "settings": self.s.as_dict(), "metrics": metrics,
+                "train_seconds": train_s, "train_metrics": train_metrics, "wall_time_s": time.perf_counter() - start}

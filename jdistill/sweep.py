@@ -1,0 +1,260 @@
+"""The study's grid: cells, shards, per-cell row files and their merge.
+
+A cell is one (compression ratio, supervision format, method, pruning schedule, dataset size,
+seed). A grid is either the full product of its axes (`design="factorial"`, the paper's
+sweep) or a *star* (`design="star"`): the product ratios x formats at the baseline of the
+other axes (the first value of each), plus, for every other value of method / schedule /
+dataset size, the formats at the `contrast_ratios` with only that one axis changed. The
+star keeps every comparison the study's findings need (format vs format at every ratio;
+LoRA vs full, iterative vs one-shot, small vs large data at matched cells) at a fraction of
+the factorial's cost, which is what a CPU demo can afford.
+
+Each finished cell writes OUT/rows/CELL_ID.jsonl atomically (temp file + rename), so a
+killed cell leaves nothing and a rerun skips exactly the finished cells; concurrent shards
+write disjoint files and `merge_rows` combines them into OUT/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+FORMATS = ("label", "logits", "cot", "blended")
+METHODS = ("full", "lora")
+SCHEDULES = ("one_shot", "iterative")
+DESIGNS = ("star", "factorial")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    ratio: float
+    format: str
+    method: str
+    schedule: str
+    examples: int
+    seed: int = 0
+    prune_steps: int = 1
+
+    @property
+    def id(self) -> str:
+        sched = "oneshot" if self.schedule == "one_shot" else f"iter{self.prune_steps}"
+        return (f"r{self.ratio:g}-{self.format}-{self.method}-{sched}-n{self.examples}"
+                f"-s{self.seed}")
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    ratios: tuple = (1.5, 2.0, 3.0)
+    formats: tuple = ("label", "blended")
+    methods: tuple = ("full", "lora")
+    schedules: tuple = ("one_shot", "iterative")
+    examples: tuple = (128,)
+    seeds: tuple = (0,)
+    iterative_steps: int = 2
+    design: str = "star"
+    contrast_ratios: tuple = (2.0,)
+    contrast_formats: tuple | None = None  # star: formats of the contrasts (None: all)
+
+    def __post_init__(self):
+        for name, allowed in (("formats", FORMATS), ("methods", METHODS),
+                              ("schedules", SCHEDULES)):
+            bad = [v for v in getattr(self, name) if v not in allowed]
+            if bad or not getattr(self, name):
+                raise ValueError(f"grid {name}: {bad or 'empty'} not allowed; use a non-empty "
+                                 f"subset of {list(allowed)}")
+        if not self.ratios or any(not r > 1.0 for r in self.ratios):
+            raise ValueError(f"grid ratios {list(self.ratios)}: each must be > 1 (teacher "
+                             "params / student params); the teacher itself is always measured")
+        if not self.examples or any(n < 1 for n in self.examples):
+            raise ValueError(f"grid examples {list(self.examples)}: need sizes >= 1")
+        if self.design not in DESIGNS:
+            raise ValueError(f"grid design {self.design!r}: use one of {list(DESIGNS)}")
+        if self.iterative_steps < 2 and "iterative" in self.schedules:
+            raise ValueError("iterative_steps must be >= 2 for an iterative schedule")
+        extra = set(self.contrast_formats or ()) - set(self.formats)
+        if extra:
+            raise ValueError(f"contrast_formats {sorted(extra)} are not among the formats")
+        if self.design == "star" and not self.contrast_ratios:
+            raise ValueError("a star grid needs contrast_ratios (where LoRA / iterative / "
+                             "other data sizes are compared)")
+
+    def cell(self, ratio, fmt, method, schedule, examples, seed) -> Cell:
+        steps = self.iterative_steps if schedule == "iterative" else 1
+        return Cell(float(ratio), fmt, method, schedule, int(examples), int(seed), steps)
+
+    def cells(self) -> list[Cell]:
+        """Every cell of the grid, in a fixed order (cheap, shared stages first)."""
+        base = (self.methods[0], self.schedules[0], self.examples[0])
+        axes = []
+        if self.design == "factorial":
+            axes = [(r, f, m, s, n) for m in self.methods for s in self.schedules
+                    for n in self.examples for r in self.ratios for f in self.formats]
+        else:
+            axes = [(r, f) + base for r in self.ratios for f in self.formats]
+            for r in self.contrast_ratios:
+                for f in self.contrast_formats or self.formats:
+                    axes += [(r, f, m, base[1], base[2]) for m in self.methods[1:]]
+                    axes += [(r, f, base[0], s, base[2]) for s in self.schedules[1:]]
+                    axes += [(r, f, base[0], base[1], n) for n in self.examples[1:]]
+        out, seen = [], set()
+        for seed in self.seeds:
+            for a in axes:
+                c = self.cell(*a, seed)
+                if c.id not in seen:
+                    seen.add(c.id)
+                    out.append(c)
+        return out
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    # the README's demo: a few ratios, label vs blended CoT, LoRA and iterative contrasts
+    "demo": Grid(ratios=(1.5, 2.0, 3.0), formats=("label", "blended"),
+                 methods=("full", "lora"), schedules=("one_shot", "iterative"),
+                 examples=(128, 48), design="star", contrast_ratios=(2.0,),
+                 contrast_formats=("label",)),
+    # the paper's grid (hours on a CPU; meant for accelerators)
+    "paper": Grid(ratios=(1.25, 1.5, 2.0, 3.0, 4.0, 6.0), formats=FORMATS,
+                  methods=METHODS, schedules=SCHEDULES, examples=(250, 1000, 4000),
+                  seeds=(0, 1, 2), iterative_steps=3, design="factorial",
+                  contrast_ratios=(2.0,)),
+}
+
+
+def grid_from(preset: str | None, config_file: str | None = None, **overrides) -> Grid:
+    """A grid: the preset's (or the defaults), then a JSON config file's keys, then flags
+    (`overrides` whose value is not None)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown grid preset {preset!r}; use one of {sorted(PRESETS)}")
+    fields = dataclasses.asdict(PRESETS[preset]) if preset else {}
+    if config_file:
+        try:
+            given = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"grid config {config_file}: {e}") from None
+        unknown = set(given) - {f.name for f in dataclasses.fields(Grid)}
+        if unknown:
+            raise ValueError(f"grid config {config_file}: unknown keys {sorted(unknown)}; use "
+                             f"{[f.name for f in dataclasses.fields(Grid)]}")
+        fields.update(given)
+        if "formats" in given and "contrast_formats" not in given:
+            fields["contrast_formats"] = None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    fields.update(given)
+    if "formats" in given and "contrast_formats" not in given:
+        fields["contrast_formats"] = None  # the preset's contrast formats may be gone
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return Grid(**fields)
+
+
+def shard(cells: list, num_shards: int, shard_index: int) -> list:
+    """The cells of one shard: round-robin, so every shard gets a mix of cheap and costly."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard {shard_index} of {num_shards}: need 0 <= shard_index < "
+                         "num_shards")
+    return cells[shard_index::num_shards]
+
+
+# ------------------------------------------------------------------ rows
+
+
+def row_file(out_dir, cell_id: str) -> Path:
+    return Path(out_dir) / "rows" / f"{cell_id}.jsonl"
+
+
+def is_done(out_dir, cell_id: str) -> bool:
+    return row_file(out_dir, cell_id).exists()
+
+
+def atomic_write_text(path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_row(out_dir, cell_id: str, row: dict) -> Path:
+    """A cell's row, all or nothing: a killed write leaves no file, so the cell reruns."""
+    return atomic_write_text(row_file(out_dir, cell_id), json.dumps(row) + "\n")
+
+
+def read_row(out_dir, cell_id: str) -> dict:
+    return json.loads(row_file(out_dir, cell_id).read_text())
+
+
+def merge_rows(out_dir) -> tuple[Path, int]:
+    """OUT/rows/*.jsonl -> OUT/results.jsonl (sorted by file name; rewritten atomically)."""
+    lines = []
+    for f in sorted((Path(out_dir) / "rows").glob("*.jsonl")):
+        for line in filter(str.strip, f.read_text().splitlines()):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: not a JSON row ({e}); delete the file to rerun its "
+                                 "cell") from None
+            lines.append(line)
+    path = atomic_write_text(Path(out_dir) / "results.jsonl",
+                             "".join(line + "\n" for line in lines))
+    return path, len(lines)
+
+
+# ------------------------------------------------------------------ stage cache
+
+
+def stage_key(**inputs) -> str:
+    """A digest of a stage's inputs (JSON-able values; files enter by their identity)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_stage(cache_dir, kind: str, key: str, build, log=print) -> Path:
+    """CACHE/KIND-KEY (a directory), built by `build(tmp_dir)` on the first call only.
+
+    Built in a temporary sibling and renamed into place, so a killed build leaves nothing
+    that looks finished, and two shards building the same stage at once both succeed (the
+    second rename loses and its copy is dropped).
+    """
+    final = Path(cache_dir) / f"{kind}-{key[:16]}"
+    if (final / "STAGE.json").exists():
+        log(f"[{kind}] cached: {final}")
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / "STAGE.json").write_text(json.dumps({"kind": kind, "key": key}))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another shard finished the same stage first
+            if not (final / "STAGE.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
