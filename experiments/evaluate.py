@@ -20,7 +20,7 @@ from absl import app, flags
 
 import jdistill
 from experiments import flags as common
-from jdistill import data, evaluate, results, tasks
+from jdistill import data, evaluate, results, sharding, tasks
 
 MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory or a llama.cpp .gguf file")
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer directory if --model has none")
@@ -92,6 +92,8 @@ def in_domain(model, tokenizer, mesh, out_dir):
         r = {**evaluate.classification_metrics(labels, preds),
              "confusion": evaluate.confusion_matrix(labels, preds, task.num_classes)}
     stem = f"{task.name}_{SPLIT.value}"
+    if not sharding.is_writer():  # every process computed the same metrics; one writes
+        return _metrics(r), _info(task, examples), {}
     paths = evaluate.save_confusion(r["confusion"], task.label_names, out_dir,
                                     f"confusion_{stem}")
     lines = [json.dumps({"text": t, "label": task.label_names[y],
@@ -100,12 +102,17 @@ def in_domain(model, tokenizer, mesh, out_dir):
              for i, (t, y, p) in enumerate(zip(texts, labels, preds))]
     paths["predictions"] = str(evaluate.atomic_write(
         Path(out_dir) / f"predictions_{stem}.jsonl", ("\n".join(lines) + "\n").encode()))
-    metrics = {"in_domain_accuracy": r["accuracy"],
-               "in_domain_accuracy_stderr": r["accuracy_stderr"],
-               "in_domain_macro_f1": r["macro_f1"], "in_domain_unparsed": r["unparsed"]}
-    info = {"task": task.name, "split": SPLIT.value, "examples": len(examples),
+    return _metrics(r), _info(task, examples), paths
+
+
+def _metrics(r) -> dict:
+    return {"in_domain_accuracy": r["accuracy"], "in_domain_accuracy_stderr": r["accuracy_stderr"],
+            "in_domain_macro_f1": r["macro_f1"], "in_domain_unparsed": r["unparsed"]}
+
+
+def _info(task, examples) -> dict:
+    return {"task": task.name, "split": SPLIT.value, "examples": len(examples),
             "limit": LIMIT.value, "mode": MODE.value, "classes": task.num_classes}
-    return metrics, info, paths
 
 
 def general(model, tokenizer, mesh):
@@ -191,9 +198,10 @@ def main(argv):
         "devices": jax.device_count(), "timings_s": timings,
         "wall_time_s": time.perf_counter() - start,
     }
-    results.append_row(out_dir / "results.jsonl", row)
-    print(table(row))
+    if sharding.is_writer():
+        results.append_row(out_dir / "results.jsonl", row)
+        print(table(row))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -204,8 +204,9 @@ def choice_logliks(model, requests, *, batch_size: int = 8, mesh=None, max_lengt
             ctx[r, s - len(c):], ctx_mask[r, s - len(c):] = c, True
             for j, x in enumerate(conts):
                 cont[r, j, :len(x)], cont_mask[r, j, :len(x)] = x, True
-        ll = np.asarray(_choice_logliks(graphdef, state, *_place(
-            (ctx, ctx_mask, cont, cont_mask), mesh)), np.float64)
+        # to_host: a collective gather when the batch is split over several processes
+        ll = sharding_lib.to_host(_choice_logliks(graphdef, state, *_place(
+            (ctx, ctx_mask, cont, cont_mask), mesh))).astype(np.float64)
         for r, i in enumerate(idx):
             out[i] = ll[r, :len(prepared[i][1])]
         bar.update(len(idx))
@@ -581,8 +582,8 @@ def perplexity(model, tokenizer, text: str, *, window: int = 512, stride: int = 
             tokens[r, :len(w)], mask[r, :len(w)] = w, True
             scored[r, first - 1:len(w) - 1] = True
         targets = np.concatenate([tokens[:, 1:], np.full((batch_size, 1), pad_id, np.int32)], 1)
-        nll = np.asarray(_token_nll(graphdef, state, *_place((tokens, mask, targets), mesh)),
-                         np.float64)
+        nll = sharding_lib.to_host(_token_nll(graphdef, state, *_place(
+            (tokens, mask, targets), mesh))).astype(np.float64)
         total += float(nll[scored].sum())
         count += int(scored.sum())
         bar.update(len(chunk))

@@ -223,6 +223,31 @@ def test_two_processes_prune_like_one_device(models, tmp_path):
     assert "pruned" in logs[0] and "pruned" not in logs[1]  # process 0 alone reports
 
 
+# ------------------------------------------------------------------ evaluate main
+
+
+def test_two_processes_evaluate_like_one_device(models, tmp_path):
+    task = tmp_path / "task.csv"
+    task.write_text("text,label\n" + "".join(f"{p},{a}\n" for p, a in zip(PROMPTS, ANSWERS)) * 3)
+    args = ["experiments.evaluate", f"--model={models / 'teacher'}", f"--task={task}",
+            "--general=arc_easy", "--general_limit=8", "--perplexity",
+            "--ppl_max_tokens=64", "--ppl_window=32", "--ppl_stride=16", "--batch_size=8"]
+    two = _launch([*args, f"--out={tmp_path / 'two'}", MESH], tmp_path / "log2", processes=2,
+                  devices=4)
+    logs = _finish(two, tmp_path / "log2")
+    one = _launch([*args, f"--out={tmp_path / 'one'}", "--mesh=data=1,fsdp=1,tensor=1"],
+                  tmp_path / "log1", devices=1)
+    _finish(one, tmp_path / "log1")
+    rows = [[json.loads(x) for x in (tmp_path / n / "results.jsonl").read_text().splitlines()]
+            for n in ("two", "one")]
+    assert len(rows[0]) == 1  # process 0 alone writes
+    a, b = rows[0][0]["metrics"], rows[1][0]["metrics"]
+    assert a["in_domain_accuracy"] == b["in_domain_accuracy"]
+    assert a["general"]["arc_easy"] == b["general"]["arc_easy"]
+    np.testing.assert_allclose(a["perplexity"], b["perplexity"], rtol=1e-5)
+    assert "accuracy" in logs[0] and "accuracy" not in logs[1]
+
+
 # ------------------------------------------------------------------ in-process pieces
 
 
