@@ -6,7 +6,8 @@
 --data holds {"prompt", "answer", optional "reasoning"} records (formats cot and blended
 need the reasoning: `python -m experiments.supervise --mode=traces` writes it); with
 --topk=FILE (from `experiments.supervise --mode=topk`) the KL term comes from the cached
-teacher top-k log-probs and the teacher is never loaded.
+teacher top-k log-probs and the teacher is never loaded. --pack puts several short examples
+in each --seq_len row (each attends only to itself), so fewer positions are padding.
 
 Rerunning a killed command resumes from the last checkpoint in --workdir (default
 OUT.run/). Writes OUT/ (the trained student as an HF checkpoint; LoRA adapters merged),
@@ -14,7 +15,6 @@ OUT.run/metrics.jsonl and one results row to OUT.run/results.jsonl (and to --res
 """
 
 import dataclasses
-import time
 from pathlib import Path
 
 import jax
@@ -22,7 +22,7 @@ from absl import app, flags
 
 import jdistill
 from experiments import flags as common
-from jdistill import data, losses, results, train
+from jdistill import data, losses, packing, results, supervision, train
 from jdistill.config import load_hf_config
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
@@ -42,6 +42,8 @@ STEPS = flags.DEFINE_integer("steps", 100, "optimizer steps")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per micro-batch")
 ACCUM = flags.DEFINE_integer("accum", 1, "micro-batches per optimizer step")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "tokens per sequence (longer are cut)")
+PACK = flags.DEFINE_bool("pack", False, "pack several short examples into each seq_len row "
+                         "(each attends only to itself; fewer padded positions per step)")
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-4, "peak learning rate")
 WARMUP = flags.DEFINE_integer("warmup_steps", 0, "linear warm-up steps")
 WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay")
@@ -70,17 +72,15 @@ def parse_weights(spec: str | None):
                              "trace_kl=1,trace_ce=0.5,answer_kl=1,answer_ce=1")
 
 
-def encode_records(tokenizer, records, fmt: str, config):
-    """Token ids + segments per record; cot/blended put the teacher's reasoning in between."""
-    with_trace = fmt in ("cot", "blended")
-    if with_trace and not any(r.get("reasoning") for r in records):
+def encode(tokenizer, records, fmt: str, config):
+    """Token ids + segments per record, by `supervision.encode_records` — the encoding
+    `supervise --mode=topk` caches top-k on, so a top-k file always aligns; cot/blended put
+    the teacher's reasoning in between."""
+    with_reasoning = fmt in ("cot", "blended")  # as supervise --mode=topk --format=FMT
+    if with_reasoning and not any(r.get("reasoning") for r in records):
         raise app.UsageError(f"--format={fmt} needs 'reasoning' in the records; generate it "
                              "with `python -m experiments.supervise --mode=traces`")
-    eos = config.eos_token_id
-    eos = eos[0] if isinstance(eos, tuple) else eos
-    return [data.encode_example(tokenizer, r["prompt"], r["answer"],
-                                r.get("reasoning") if with_trace else None,
-                                bos_id=config.bos_token_id, eos_id=eos) for r in records]
+    return supervision.encode_records(tokenizer, records, config, with_reasoning=with_reasoning)
 
 
 def make_batcher(encoded, config, seed):
@@ -88,8 +88,9 @@ def make_batcher(encoded, config, seed):
     kw = dict(batch_size=BATCH_SIZE.value, seq_len=SEQ_LEN.value, seed=seed, accum=ACCUM.value,
               pad_id=pad)
     if TOPK.value:
-        from jdistill import supervision
         return supervision.TopkBatcher(encoded, supervision.load_topk(TOPK.value), **kw)
+    if PACK.value:
+        return packing.PackedBatcher(encoded, **kw)
     return data.Batcher(encoded, **kw)
 
 
@@ -105,6 +106,15 @@ def main(argv):
         compute_dtype=COMPUTE_DTYPE.value, lora_rank=LORA_RANK.value,
         lora_alpha=LORA_ALPHA.value, lora_dropout=LORA_DROPOUT.value, chunk_size=CHUNK.value,
         seed=SEED.value)
+    if TOPK.value and PACK.value:
+        raise app.UsageError("--pack with --topk is not supported: the top-k file stores "
+                             "each example's positions unpacked; drop --pack (or --topk and "
+                             "distil from the online --teacher)")
+    if TOPK.value:  # before any model loads (train.train checks it too)
+        try:
+            train.check_topk_temperature(cfg)
+        except ValueError as e:
+            raise app.UsageError(str(e))
     if cfg.needs_teacher and not (TEACHER.value or TOPK.value):
         raise app.UsageError(f"--format={FORMAT.value} has a KL term: give --teacher (or "
                              "--topk for offline KD)")
@@ -121,12 +131,17 @@ def main(argv):
                              "tokenizer")
     tokenizer = tokenizer_for(STUDENT.value, t_dir)
     records = data.read_examples(DATA.value)
-    encoded = encode_records(tokenizer, records, FORMAT.value, student.config)
+    encoded = encode(tokenizer, records, FORMAT.value, student.config)
     batcher = make_batcher(encoded, student.config, SEED.value)
     n_s = student.config.num_params()
+    packed = ""
+    if PACK.value:
+        rows = batcher.epoch_rows(0)
+        packed = (f" packed: {len(records) / len(rows):.1f} examples/row, "
+                  f"{packing.packing_efficiency(encoded, rows, SEQ_LEN.value):.0%} real tokens;")
     print(f"student {n_s:,} params; {len(records)} records; format {FORMAT.value}, loss "
-          f"{LOSS.value}, {'LoRA rank %d' % LORA_RANK.value if LORA_RANK.value else 'full'}; "
-          f"{STEPS.value} steps x {batcher.rows_per_step} x {SEQ_LEN.value} tokens")
+          f"{LOSS.value}, {'LoRA rank %d' % LORA_RANK.value if LORA_RANK.value else 'full'};"
+          f"{packed} {STEPS.value} steps x {batcher.rows_per_step} x {SEQ_LEN.value} tokens")
     result = train.train(student, teacher, batcher, cfg, workdir=workdir, mesh=mesh,
                          checkpoint_every=CHECKPOINT_EVERY.value,
                          keep_checkpoints=KEEP.value, log_every=LOG_EVERY.value)
@@ -167,7 +182,7 @@ def results_row(cfg, result, student_params: int, teacher_params, n_records: int
         "compression_ratio": teacher_params / student_params if teacher_params else None,
         "supervision_format": cfg.format, "loss": cfg.kind, "temperature": cfg.temperature,
         "weights": dataclasses.asdict(weights), "normalize": normalize,
-        "offline_topk": TOPK.value, "lora_rank": cfg.lora_rank or None,
+        "offline_topk": TOPK.value, "packed": PACK.value, "lora_rank": cfg.lora_rank or None,
         "data": {"file": DATA.value, "examples": n_records, "tokens_seen": result.tokens_seen},
         "optimizer": {"steps": cfg.steps, "learning_rate": cfg.learning_rate,
                       "warmup_steps": cfg.warmup_steps, "batch_rows": BATCH_SIZE.value * ACCUM.value,

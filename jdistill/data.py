@@ -30,12 +30,11 @@ def read_texts(path, text_column: str | None = None) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
+    if path.suffix.lower() == ".txt":
         paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
         texts = [p for p in paragraphs if p]
     else:
-        rows = _read_rows(path, suffix)
+        rows = read_rows(path)
         if not rows:
             raise ValueError(f"{path} has no rows")
         names = [text_column] if text_column else list(TEXT_COLUMNS)
@@ -49,21 +48,49 @@ def read_texts(path, text_column: str | None = None) -> list[str]:
     return texts
 
 
-def _read_rows(path: Path, suffix: str) -> list[dict]:
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, list) else [data]
-    if suffix == ".parquet":
-        import datasets
+def _read_csv(path: Path) -> list[dict]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
-        return list(datasets.Dataset.from_parquet(str(path)))
-    raise ValueError(f"unsupported data file {path}: use .txt, .csv, .jsonl, .json or .parquet")
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i}: not JSON ({e.msg}); each line must be "
+                                 "one JSON object") from None
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, list) else [data]
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    # pyarrow directly (what `datasets` reads parquet with): no cache directory is written.
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_json,
+           ".parquet": _read_parquet}
+
+
+def read_rows(path) -> list[dict]:
+    """All rows of a .csv / .jsonl / .json / .parquet file as dicts (the one tabular reader:
+    task files, supervision records and text columns all come through here)."""
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"unsupported data file {path}: use one of {sorted(READERS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    return reader(path)
 
 
 def calibration_batches(tokenizer, texts: list[str], *, num_samples: int, seq_len: int,
@@ -113,7 +140,7 @@ def read_examples(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
-    rows = _read_rows(path, path.suffix.lower())
+    rows = read_rows(path)
     for i, row in enumerate(rows):
         missing = {"prompt", "answer"} - set(row)
         if missing:
@@ -122,6 +149,12 @@ def read_examples(path) -> list[dict]:
     if not rows:
         raise ValueError(f"{path} has no records")
     return rows
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch: a pure function of (n, seed, epoch), so any epoch can
+    be rebuilt on resume without replaying the ones before it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 class Batcher:
@@ -150,7 +183,7 @@ class Batcher:
         epochs = flat // n
         out = np.empty(k, np.int64)
         for epoch in np.unique(epochs):
-            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+            perm = epoch_permutation(n, self.seed, int(epoch))
             sel = epochs == epoch
             out[sel] = perm[flat[sel] % n]
         return out

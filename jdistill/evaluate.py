@@ -298,18 +298,31 @@ def evaluate_classification(model, tokenizer, task, examples, *, batch_size: int
             "predictions": y_pred, "labels": y_true}
 
 
+def label_aliases(name: str) -> list[str]:
+    """Ways a text may name a label: the full name and each '|'-separated part
+    ('Fed | Central Banks' -> ['Fed | Central Banks', 'Fed', 'Central Banks'])."""
+    parts = [p.strip() for p in name.split("|")]
+    return [name.strip()] + [p for p in parts if p and p != name.strip()]
+
+
 def parse_label(text: str, label_names) -> int | None:
-    """The index of the label name mentioned last in `text` (case-insensitive, whole
-    words), or None. Of names ending at the same place the longest wins, so 'Stock
-    Movement' beats 'Movement' and 'Gold | Metals | Materials' beats 'Materials'."""
-    best = None  # (end, length, index)
-    for k, name in enumerate(label_names):
-        pattern = (r"\b" if name[:1].isalnum() else "") + re.escape(name) + \
-            (r"\b" if name[-1:].isalnum() else "")
-        for m in re.finditer(pattern, text, flags=re.IGNORECASE):
-            cand = (m.end(), len(name), k)
-            best = cand if best is None or cand[:2] > best[:2] else best
-    return None if best is None else best[2]
+    """The index of the label named last in `text`, or None: the one parser of generated
+    answers and of teacher traces (`formats.drop_disagreeing`), so no trace that evaluation
+    would read as another label than the gold one is trained on.
+
+    A label is named by its full name or any '|'-separated part (`label_aliases`),
+    case-insensitive, as whole words (no word character either side, so 'markets' is not
+    in 'supermarkets'). Of mentions ending at the same place the longest wins, so 'Stock
+    Movement' beats 'Movement' and 'Gold | Metals | Materials' beats 'Materials'; on a full
+    tie the earlier label."""
+    best, best_key = None, (-1, 0)
+    for i, name in enumerate(label_names):
+        for alias in label_aliases(name):
+            for m in re.finditer(r"(?<!\w)" + re.escape(alias) + r"(?!\w)", text, re.I):
+                key = (m.end(), len(alias))
+                if key > best_key:
+                    best, best_key = i, key
+    return best
 
 
 def generate_and_parse(model, tokenizer, task, texts, *, max_new_tokens: int = 64,

@@ -13,39 +13,22 @@ Chain-of-thought traces come from the teacher by *rationalisation* (STaR, Zelikm
 default teacher, asking it to choose a label and explain gave degenerate echoes; the
 label-conditioned request gives on-topic rationales (BUILD_NOTES.md). The student never sees
 the label in its prompt: its record is (task prompt → trace → answer). A trace that names a
-different label than the gold one is dropped (and counted), never trained on; a trace that
-names no label is kept.
+different label than the gold one (as `evaluate.parse_label`, the parser of generated
+answers, reads it) is dropped (and counted), never trained on; a trace that names no label
+is kept.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from jdistill import supervision
+from jdistill.evaluate import parse_label
 
 FORMATS = ("label", "logits", "cot", "blended")
 RATIONALE_RECIPE = ("Financial news: {text}\n"
                     "In one short sentence, explain why this news is about {label}.")
 TRACE_SEPARATOR = "\n"  # between the trace and the answer, so the answer starts a new line
-
-
-def label_aliases(name: str) -> list[str]:
-    """Ways a trace may name a label: the full name and each '|'-separated part."""
-    parts = [p.strip() for p in name.split("|")]
-    return [name.strip()] + [p for p in parts if p and p != name.strip()]
-
-
-def last_mentioned_label(text: str, label_names: list[str]) -> int | None:
-    """Index of the label named last in `text` (case-insensitive, whole words), or None."""
-    best, best_key = None, (-1, 0)
-    for i, name in enumerate(label_names):
-        for alias in label_aliases(name):
-            for m in re.finditer(r"(?<!\w)" + re.escape(alias) + r"(?!\w)", text, re.I):
-                key = (m.end(), len(alias))  # the later mention; then the longer name
-                if key > best_key:
-                    best, best_key = i, key
-    return best
 
 
 def rationale_prompt(text: str, label: str, recipe: str = RATIONALE_RECIPE,
@@ -75,7 +58,7 @@ def drop_disagreeing(records: list[dict], gold: list[int], label_names: list[str
     """(kept records, counts): drops records whose trace names another label than gold."""
     kept, counts = [], {"traces": len(records), "disagree": 0, "no_label": 0, "agree": 0}
     for r, g in zip(records, gold):
-        named = last_mentioned_label(r["reasoning"], label_names)
+        named = parse_label(r["reasoning"], label_names)
         if named is None:
             counts["no_label"] += 1
         elif named != g:

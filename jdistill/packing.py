@@ -8,11 +8,19 @@ computes exactly what it computes alone (tested against the unpacked forward).
 
 Each example contributes its own (input, target) pairs — targets never cross a document
 boundary — so no loss position has to be masked at the seams.
+
+`PackedBatcher` is `data.Batcher` over packed rows: same interface, batches carry
+`documents` as well, and the batch of a step is a pure function of (examples, seq_len,
+seed, step), so a resumed run sees exactly the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
+
+from jdistill import data
 
 PAD_DOCUMENT = 0  # document id of padding; real documents are 1, 2, ... within a row
 
@@ -65,3 +73,81 @@ def packing_efficiency(encoded, rows, seq_len: int) -> float:
     """Real positions / row positions: how much of the compute is not padding."""
     real = sum(min(len(encoded[i][0]) - 1, seq_len) for row in rows for i in row)
     return real / max(len(rows) * seq_len, 1)
+
+
+class PackedBatcher:
+    """Deterministic, resumable batches of packed rows (the `data.Batcher` interface).
+
+    Epoch e packs every example once (but those of one token, which predict nothing):
+    `pack_rows` in the order `data.epoch_permutation(n, seed, e)`. The epochs' rows,
+    concatenated, form one stream and step s takes rows [s * rows_per_step, (s + 1) *
+    rows_per_step) of it (a step may straddle two epochs, as `data.Batcher`'s do). A batch
+    is [accum, batch, seq_len] arrays: those of `data.Batcher` plus `documents` (0 =
+    padding, 1, 2, ... the examples of a row), which the model's forward turns into
+    per-document attention and positions.
+
+    Epochs pack to different row counts (the order changes the fit), so finding step s's
+    epoch packs the epochs before it once (row counts are kept, rows only for two epochs):
+    resuming far into a run costs one pack per earlier epoch (~35 ms an epoch of 20k
+    examples on one CPU core).
+    """
+
+    def __init__(self, encoded: list, *, batch_size: int, seq_len: int, seed: int = 0,
+                 accum: int = 1, pad_id: int = 0):
+        if not encoded:
+            raise ValueError("no examples to batch")
+        if not any(len(ids) >= 2 for ids, _ in encoded):
+            raise ValueError("every example has fewer than 2 tokens: nothing to predict")
+        if seq_len < 1 or batch_size < 1 or accum < 1:
+            raise ValueError(f"need seq_len, batch_size and accum >= 1, got {seq_len}, "
+                             f"{batch_size}, {accum}")
+        self.encoded, self.batch_size, self.seq_len = encoded, batch_size, seq_len
+        self.seed, self.accum, self.pad_id = seed, accum, pad_id
+        self._epoch_start = [0]  # first stream row of epochs 0, 1, ... (known so far)
+        self._rows: dict[int, list[list[int]]] = {}  # the last two epochs packed
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.accum
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        """Example indices of every packed row of `epoch`, in stream order."""
+        rows = self._rows.get(epoch)
+        if rows is None:
+            order = data.epoch_permutation(len(self.encoded), self.seed, epoch)
+            rows = pack_rows(self.encoded, self.seq_len, order)
+            if len(self._rows) >= 2:
+                self._rows.pop(next(iter(self._rows)))
+            self._rows[epoch] = rows
+        return rows
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        """Stream row -> (epoch, row within the epoch)."""
+        while self._epoch_start[-1] <= row:
+            epoch = len(self._epoch_start) - 1
+            self._epoch_start.append(self._epoch_start[-1] + len(self.epoch_rows(epoch)))
+        epoch = bisect.bisect_right(self._epoch_start, row) - 1
+        return epoch, row - self._epoch_start[epoch]
+
+    def members(self, step: int, rows=None) -> list[list[int]]:
+        """Example indices of each row of the step, micro-batch major ([accum * len(rows)]
+        lists); `rows` as in `batch`."""
+        k = self.rows_per_step
+        picked = np.arange(step * k, (step + 1) * k).reshape(self.accum, self.batch_size)
+        if rows is not None:
+            picked = picked[:, np.asarray(rows)]
+        out = []
+        for g in picked.ravel():
+            epoch, r = self._locate(int(g))
+            out.append(self.epoch_rows(epoch)[r])
+        return out
+
+    def batch(self, step: int, rows=None) -> dict:
+        """The step's batch; with `rows` (indices along the batch axis) only those rows of
+        every micro-batch, [accum, len(rows), seq_len] (one process's share, as in
+        `data.Batcher.batch`)."""
+        built = [build_row(self.encoded, m, self.seq_len, self.pad_id)
+                 for m in self.members(step, rows)]
+        n = self.batch_size if rows is None else len(rows)
+        return {key: np.stack([b[key] for b in built]).reshape(self.accum, n, self.seq_len)
+                for key in built[0]}

@@ -16,10 +16,11 @@ Top-k (`compute_topk`, `save_topk`, `load_topk`, `TopkBatcher`)
   ``log_softmax(logits[t])`` in f32 (the format `losses.topk_kl` expects: cache at the
   temperature you distil at). Alignment is that of `data.Batcher`: entry t is the teacher's
   distribution over ``ids[t + 1]``, i.e. over ``targets[t]`` of a batch row. Rows always start
-  at token 0 (the batcher does not pack), so an example stores a contiguous range of
-  positions ``[start, m)`` with ``m = min(len(ids) - 1, seq_len)`` and, by default
-  (``skip_prompt=True``), ``start`` = the first position whose target is not a prompt token
-  (prompt targets are never supervised; for classification prompts that is most tokens).
+  at token 0 (`TopkBatcher` does not pack; `packing.PackedBatcher` has no top-k), so an
+  example stores a contiguous range of positions ``[start, m)`` with ``m = min(len(ids) - 1,
+  seq_len)`` and, by default (``skip_prompt=True``), ``start`` = the first position whose
+  target is not a prompt token (prompt targets are never supervised; for classification
+  prompts that is most tokens).
 
   Storage (one safetensors file, written atomically): ``logprobs`` [N, k] float16, ``ids``
   [N, k] uint16 when the vocabulary has <= 65536 ids, else int32, ``offsets`` [n + 1] int64
@@ -528,16 +529,21 @@ class TopkBatcher(data.Batcher):
                              "data with the same encoding as training")
         self.topk = topk
 
-    def batch(self, step: int) -> dict:
-        out = super().batch(step)
+    def batch(self, step: int, rows=None) -> dict:
+        """`data.Batcher.batch` plus the top-k arrays; with `rows` (indices along the batch
+        axis) only those rows of every micro-batch, as one process of a multi-process run
+        loads them."""
+        out = super().batch(step, rows)
         t, k = self.seq_len, self.topk.k
-        rows = self.indices(step)
-        logprobs = np.zeros((len(rows), t, k), np.float32)
-        ids = np.zeros((len(rows), t, k), np.int32)
-        for r, i in enumerate(rows):
+        picked = self.indices(step).reshape(self.accum, self.batch_size)
+        if rows is not None:
+            picked = picked[:, np.asarray(rows)]
+        logprobs = np.zeros((picked.size, t, k), np.float32)
+        ids = np.zeros((picked.size, t, k), np.int32)
+        for r, i in enumerate(picked.ravel()):
             start, lp, ix = self.topk.example(int(i))
             n = max(0, min(len(lp), t - start))
             logprobs[r, start:start + n] = lp[:n]
             ids[r, start:start + n] = ix[:n]
-        shape = (self.accum, self.batch_size, t, k)
+        shape = picked.shape + (t, k)
         return {**out, "topk_logprobs": logprobs.reshape(shape), "topk_ids": ids.reshape(shape)}

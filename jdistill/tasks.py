@@ -24,7 +24,6 @@ the output to the label set anyway. A template may list them with a `{labels}` f
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import json
 import os
@@ -33,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+# the tabular readers live in data (one reader for every file); tasks.read_rows stays public
+from jdistill.data import READERS, TEXT_COLUMNS, read_rows  # noqa: F401
+
 DATA_ROOT = Path("/work/shared/data")  # the shipped data (see its MANIFEST.md)
-TEXT_COLUMNS = ("text", "headline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,50 +208,6 @@ def infer_label_names(paths, label_field: str = "label") -> tuple:
 
 
 # ------------------------------------------------------------------ reading
-
-
-def _read_csv(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {i}: not JSON ({e.msg}); each line must be "
-                                 "one JSON object") from None
-    return rows
-
-
-def _read_json(path: Path) -> list[dict]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, list) else [data]
-
-
-def _read_parquet(path: Path) -> list[dict]:
-    # pyarrow directly (what `datasets` reads parquet with): no cache directory is written.
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
-
-
-READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_json,
-           ".parquet": _read_parquet}
-
-
-def read_rows(path) -> list[dict]:
-    """All rows of a .csv / .jsonl / .json / .parquet file as dicts."""
-    path = Path(path)
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise ValueError(f"unsupported data file {path}: use one of {sorted(READERS)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    return reader(path)
 
 
 def label_index(value, names: tuple) -> int | None:

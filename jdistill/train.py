@@ -7,9 +7,9 @@ AdamW with warm-up + cosine decay. Full fine-tuning trains every student paramet
 trains only adapters (the base is an argument, not state, so the optimizer never sees it).
 
 The data position of a run is its step (batches are a pure function of seed and step, see
-`data.Batcher`), so an orbax checkpoint of (step, params, optimizer state) is the whole
-state: rerunning a killed command resumes where the last checkpoint left off and ends with
-the same parameters as an uninterrupted run.
+`data.Batcher` and, for packed rows, `packing.PackedBatcher`), so an orbax checkpoint of
+(step, params, optimizer state) is the whole state: rerunning a killed command resumes where
+the last checkpoint left off and ends with the same parameters as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -140,12 +140,33 @@ def _cast(tree, dtype):
                                   else x, tree)
 
 
+def check_topk_temperature(cfg: DistillConfig):
+    """Cached top-k log-probs are the teacher's at temperature 1 and `losses.topk_kl` divides
+    only the student by the temperature: any other temperature would compare a tempered
+    student with an untempered teacher. (Tempering the teacher needs its full logits: a
+    top-k file cannot be re-tempered exactly.)"""
+    if cfg.temperature != 1.0:
+        raise ValueError(
+            f"temperature={cfg.temperature} with a cached top-k teacher: the top-k file holds "
+            "the teacher's temperature-1 log-probs and only the student would be tempered, so "
+            "the KL would compare different temperatures; train with temperature 1.0 "
+            "(--temperature=1, Minitron's choice) or drop the cache (--topk) and distil from "
+            "the online teacher (--teacher) to use another temperature")
+
+
 def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: DistillConfig):
     """(loss, metrics) of one micro-batch {tokens, mask, targets, segments, loss_mask [B, T],
-    optional topk_logprobs / topk_ids [B, T, k]} from hidden states (fused lm-head loss)."""
+    optional documents [B, T] (packed rows, see `packing`), optional topk_logprobs /
+    topk_ids [B, T, k]} from hidden states (fused lm-head loss)."""
+    if "topk_ids" in batch:  # a static check (the batch's keys), so it fails at trace time
+        check_topk_temperature(cfg)
     dtype = DTYPES[cfg.compute_dtype]
+    # packed rows: every example attends only to itself, with its own positions, in both
+    # the student and the teacher (None for unpacked batches)
+    documents = batch.get("documents")
     student = nnx.merge(s_graphdef, _cast(params, dtype))
-    h_s, _ = student.forward(batch["tokens"], attention_mask=batch["mask"])
+    h_s, _ = student.forward(batch["tokens"], attention_mask=batch["mask"],
+                             documents=documents)
     w_s = student.unembed_weight()
     weights, normalize = cfg.blend
     if "topk_ids" in batch:  # offline KD from cached teacher top-k: no teacher forward
@@ -156,7 +177,8 @@ def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: Di
     h_t = w_t = None
     if cfg.needs_teacher:
         teacher = nnx.merge(t_graphdef, _cast(teacher_params, dtype))
-        h_t, _ = teacher.forward(batch["tokens"], attention_mask=batch["mask"])
+        h_t, _ = teacher.forward(batch["tokens"], attention_mask=batch["mask"],
+                                 documents=documents)
         h_t, w_t = jax.lax.stop_gradient((h_t, teacher.unembed_weight()))
     return losses.fused_blended_cot_loss(
         h_s, w_s, h_t, w_t, batch["targets"], batch["segments"], mask=batch["loss_mask"],
@@ -235,6 +257,8 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
     loss or gradient is not finite; the last good checkpoint stays on disk.
     """
     workdir = Path(workdir)
+    if getattr(batcher, "topk", None) is not None:  # a supervision.TopkBatcher: fail early
+        check_topk_temperature(cfg)
     if cfg.needs_teacher and teacher is None:
         raise ValueError(f"format {cfg.format!r} needs a teacher (it has a KL term)")
     mesh = mesh or sharding_lib.make_mesh(devices=jax.devices()[:1])

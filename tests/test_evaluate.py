@@ -155,6 +155,13 @@ def test_parse_label_finds_the_last_label_named():
     assert ev.parse_label("Answer: M&A | Investments", names) == 13
     assert ev.parse_label("Macroeconomic news", names) is None  # whole words only
     assert ev.parse_label("nothing here", names) is None
+    # a '|'-separated part names its label too; whole words, case-insensitive, last wins
+    assert ev.parse_label("the Central Banks moved", names) == 1
+    assert ev.parse_label("M&A deal", names) == 13
+    assert ev.parse_label("this is about earnings, not markets", names) == 15
+    assert ev.parse_label("supermarkets opened", names) is None
+    assert ev.label_aliases("Fed | Central Banks") == ["Fed | Central Banks", "Fed",
+                                                       "Central Banks"]
 
 
 def test_generate_and_parse_runs(tiny):

@@ -4,18 +4,10 @@ import json
 
 import pytest
 
-from jdistill import formats, supervision
+from jdistill import evaluate, formats, supervision
 from tests.hf_models import make_hf_model, save_tokenizer
 
 LABELS = ["Earnings", "Fed | Central Banks", "M&A | Investments", "Markets"]
-
-
-def test_last_mentioned_label():
-    assert formats.last_mentioned_label("this is about earnings, not markets", LABELS) == 3
-    assert formats.last_mentioned_label("the Central Banks moved", LABELS) == 1
-    assert formats.last_mentioned_label("M&A deal", LABELS) == 2
-    assert formats.last_mentioned_label("supermarkets opened", LABELS) is None  # whole words
-    assert formats.last_mentioned_label("nothing here", LABELS) is None
 
 
 def test_disagreeing_traces_are_dropped_and_counted():
@@ -24,6 +16,11 @@ def test_disagreeing_traces_are_dropped_and_counted():
     kept, counts = formats.drop_disagreeing(recs, [0, 0, 2], LABELS)
     assert kept == [recs[0], recs[2]]
     assert counts == {"traces": 3, "disagree": 1, "no_label": 1, "agree": 1}
+    # the filter reads a trace as evaluation reads a generated answer: one parser, for which
+    # a '|'-separated part names its label
+    assert formats.parse_label is evaluate.parse_label
+    _, counts = formats.drop_disagreeing([{"reasoning": "the Central Banks moved"}], [1], LABELS)
+    assert counts["agree"] == 1
 
 
 def test_label_formats_and_bad_input():

@@ -61,3 +61,63 @@ def test_documents_refuse_a_cache(tmp_path):
     with pytest.raises(ValueError, match="cannot be combined with a KV cache"):
         model.forward(np.ones((1, 4), np.int32), documents=np.ones((1, 4), np.int32),
                       cache=cache)
+
+
+# ------------------------------------------------------------------ the packed batcher
+
+
+def _many(n=23, seed=1):
+    """Examples of 2..14 tokens (one single-token example, which has nothing to predict)."""
+    rng = np.random.default_rng(seed)
+    out = [(rng.integers(3, 97, m).astype(np.int32), np.full(m, 2, np.int32))
+           for m in rng.integers(2, 15, n - 1)]
+    return out + [(np.array([5], np.int32), np.array([2], np.int32))]
+
+
+def test_packed_batches_are_a_pure_function_of_seed_and_step():
+    enc = _many()
+    kw = dict(batch_size=3, seq_len=16, seed=7, accum=2)
+    run = packing.PackedBatcher(enc, **kw)
+    seen = {s: run.batch(s) for s in range(12)}  # an uninterrupted run, step after step
+    for step in (11, 5, 0, 8):  # a resumed run: a fresh batcher asked for one step first
+        again = packing.PackedBatcher(enc, **kw).batch(step)
+        assert again.keys() == seen[step].keys() >= {"tokens", "targets", "documents"}
+        for k in again:
+            np.testing.assert_array_equal(again[k], seen[step][k], err_msg=f"{k} {step}")
+            assert again[k].shape == (2, 3, 16)
+    other = packing.PackedBatcher(enc, **{**kw, "seed": 8})
+    assert not all(np.array_equal(other.batch(s)["tokens"], seen[s]["tokens"]) for s in range(3))
+    # one process's rows are those rows of the whole batch
+    for rows in ([0, 2], [1]):
+        part = packing.PackedBatcher(enc, **kw).batch(9, rows=rows)
+        for k in part:
+            np.testing.assert_array_equal(part[k], seen[9][k][:, rows])
+
+
+def test_every_example_appears_once_per_epoch():
+    enc = _many()
+    b = packing.PackedBatcher(enc, batch_size=2, seq_len=16, seed=3)
+    epochs = [b.epoch_rows(e) for e in range(3)]
+    real = [i for i, (ids, _) in enumerate(enc) if len(ids) >= 2]
+    for rows in epochs:
+        assert sorted(i for r in rows for i in r) == real
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    stream = [m for rows in epochs for m in rows]
+    steps = len(stream) // 2
+    got = [m for s in range(steps) for m in b.members(s)]
+    assert got == stream[:2 * steps]  # steps walk the epochs' rows in order, straddling
+    for s in range(steps):  # and each row holds its members' tokens, document by document
+        batch = b.batch(s)
+        for r, members in enumerate(b.members(s)):
+            for doc, i in enumerate(members, start=1):
+                at = batch["documents"][0, r] == doc
+                np.testing.assert_array_equal(batch["tokens"][0, r][at], enc[i][0][:-1])
+                np.testing.assert_array_equal(batch["targets"][0, r][at], enc[i][0][1:])
+    assert 0.6 < packing.packing_efficiency(enc, epochs[0], 16) <= 1.0
+
+
+def test_packed_batcher_explains_bad_input():
+    with pytest.raises(ValueError, match="no examples"):
+        packing.PackedBatcher([], batch_size=1, seq_len=8)
+    with pytest.raises(ValueError, match="nothing to predict"):
+        packing.PackedBatcher([(np.array([3]), np.array([2]))], batch_size=1, seq_len=8)

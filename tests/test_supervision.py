@@ -250,6 +250,33 @@ def test_topk_batcher_aligns_with_targets(teacher, full_topk):
         assert (lp[~sup] == 0).all() and (ix[~sup] == 0).all()
 
 
+def test_topk_batcher_rows_are_those_rows_of_the_whole_batch(full_topk):
+    # a process of a multi-process run loads only its rows (train._batch_loader)
+    encoded, cache = full_topk
+    tb = supervision.TopkBatcher(encoded, cache, batch_size=3, seq_len=SEQ, seed=2, accum=2)
+    for step in (0, 3):
+        whole = tb.batch(step)
+        for rows in ([0, 2], [1]):
+            part = tb.batch(step, rows=rows)
+            assert part.keys() == whole.keys()
+            for k in whole:
+                np.testing.assert_array_equal(part[k], whole[k][:, rows], err_msg=k)
+
+
+def test_topk_refuses_a_temperature_it_was_not_cached_at(teacher, full_topk, tmp_path):
+    _, _, model, _ = teacher
+    encoded, cache = full_topk
+    cfg = train.DistillConfig(steps=1, format="logits", temperature=2.0)
+    batcher = supervision.TopkBatcher(encoded, cache, batch_size=2, seq_len=SEQ)
+    with pytest.raises(ValueError, match="temperature-1 log-probs.*--temperature=1"):
+        train.train(model, None, batcher, cfg, workdir=tmp_path, log=lambda _: None)
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything started
+    graphdef, params = nnx.split(model)[0], train.pure_params(model)
+    micro = {k: jnp.asarray(v[0]) for k, v in batcher.batch(0).items()}
+    with pytest.raises(ValueError, match="temperature-1 log-probs"):
+        train.batch_loss(params, None, micro, s_graphdef=graphdef, t_graphdef=None, cfg=cfg)
+
+
 def test_offline_topk_kd_equals_online_teacher_kl(teacher, full_topk, tmp_path):
     t_path, _, t_model, _ = teacher
     encoded, cache = full_topk

@@ -1,6 +1,7 @@
 """The distillation trainer: learning, accumulation, sharding, LoRA, NaN stop, kill + resume."""
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import safetensors.numpy
 import transformers
 
 import jdistill
-from jdistill import data, lora, sharding, train
+from jdistill import data, lora, packing, sharding, train
 from tests.hf_models import make_hf_model, save_tokenizer
 
 PROMPTS = ["the fed holds rates", "markets rally", "the quick brown fox", "the lazy dog jumps"]
@@ -158,6 +159,73 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(models, tmp_pa
                   if p.name.isdigit()) == [2, 4]
 
 
+def _encoded_for(root, fmt):
+    tok = data.load_tokenizer(root / "student")
+    trace = fmt in ("cot", "blended")
+    return [data.encode_example(tok, r["prompt"], r["answer"], r["reasoning"] if trace else None,
+                                eos_id=2) for r in data.read_examples(root / "data.jsonl")[:7]]
+
+
+def _loss_fn(root, cfg, sharpen=False):
+    student = jdistill.load_pretrained(root / "student")
+    teacher = jdistill.load_pretrained(root / "teacher")
+    loss = jax.jit(functools.partial(train.batch_loss, s_graphdef=nnx_graphdef(student),
+                                     t_graphdef=nnx_graphdef(teacher), cfg=cfg))
+    s_params = train.pure_params(student)
+    if sharpen:  # a random tiny model is near uniform: sharper attention and logits make
+        # any cross-talk between packed examples show in the loss
+        s_params["norm"] = s_params["norm"] * 16.0
+        for layer in s_params["layers"].values():
+            for name in ("q_proj", "k_proj", "v_proj"):
+                layer["self_attn"][name] = layer["self_attn"][name] * 8.0
+    return lambda batch: loss(s_params, train.pure_params(teacher),
+                              {k: v[0] for k, v in batch.items()})
+
+
+def nnx_graphdef(model):
+    from flax import nnx
+    return nnx.split(model)[0]
+
+
+@pytest.mark.parametrize("fmt", ["label", "blended"])
+def test_packed_batch_loss_equals_the_unpacked_examples(models, fmt):
+    # the loss of a packed batch is the token-weighted loss of its examples run one per
+    # row: packed examples neither see each other nor shift their positions, in the
+    # student and (blended: KL terms) the teacher
+    enc = _encoded_for(models, fmt)
+    seq = 2 * max(len(ids) for ids, _ in enc)  # no example is cut; two fit in a row
+    cfg = train.DistillConfig(steps=1, format=fmt)
+    loss = _loss_fn(models, cfg, sharpen=True)
+    packed = packing.PackedBatcher(enc, batch_size=1, seq_len=seq)
+    rows = packed.epoch_rows(0)
+    assert len(rows) < len(enc)  # several examples share a row
+    packed = packing.PackedBatcher(enc, batch_size=len(rows), seq_len=seq)  # one epoch
+    alone = data.Batcher(enc, batch_size=len(enc), seq_len=seq)  # every example, one a row
+    (lp, mp), (la, ma) = loss(packed.batch(0)), loss(alone.batch(0))
+    assert float(la) > 0.5
+    assert float(lp) == pytest.approx(float(la), rel=1e-5)
+    for k in ma:
+        assert float(mp[k]) == pytest.approx(float(ma[k]), rel=1e-5, abs=1e-6), k
+    # without the documents the examples of a row attend to each other: another loss
+    crossed = {k: v for k, v in packed.batch(0).items() if k != "documents"}
+    assert abs(float(loss(crossed)[0]) - float(la)) > 3e-3 * float(la)
+
+
+def test_training_on_packed_rows_uses_the_documents(models, tmp_path):
+    # the first step's logged loss is that of the packed batch (documents reach the step)
+    enc = _encoded_for(models, "blended")
+    cfg = train.DistillConfig(steps=1, format="blended")
+    batcher = packing.PackedBatcher(enc, batch_size=2, seq_len=40, seed=1)
+    result = train.train(jdistill.load_pretrained(models / "student"),
+                         jdistill.load_pretrained(models / "teacher"), batcher, cfg,
+                         workdir=tmp_path, log=lambda _: None)
+    loss = _loss_fn(models, cfg)
+    expected = float(loss(batcher.batch(0))[0])
+    crossed = float(loss({k: v for k, v in batcher.batch(0).items() if k != "documents"})[0])
+    assert result.final_metrics["loss"] == pytest.approx(expected, rel=2e-6)
+    assert abs(crossed - expected) > 2e-5 * expected  # what dropping the documents would give
+
+
 def test_bad_configs_are_explained():
     with pytest.raises(ValueError, match="unknown format 'kd'"):
         train.DistillConfig(steps=1, format="kd")
@@ -232,3 +300,21 @@ def test_distill_main_explains_bad_input(models, tmp_path):
                   if not c.startswith("--teacher")]
     res = subprocess.run(no_teacher, env=_env(), capture_output=True, text=True)
     assert res.returncode != 0 and "give --teacher" in res.stderr
+    hot = subprocess.run(_distill_cmd(models, tmp_path / "o", "--steps=1", "--temperature=2",
+                                      f"--topk={tmp_path / 'topk.safetensors'}"),
+                         env=_env(), capture_output=True, text=True)
+    assert hot.returncode != 0 and "temperature-1 log-probs" in hot.stderr
+    both = subprocess.run(_distill_cmd(models, tmp_path / "o", "--steps=1", "--pack",
+                                       f"--topk={tmp_path / 'topk.safetensors'}"),
+                          env=_env(), capture_output=True, text=True)
+    assert both.returncode != 0 and "--pack with --topk is not supported" in both.stderr
+
+
+def test_distill_main_packs(models, tmp_path):
+    run = subprocess.run(_distill_cmd(models, tmp_path / "p", "--steps=2", "--pack",
+                                      "--seq_len=48", "--batch_size=2"),
+                         env=_env(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "examples/row" in run.stdout
+    row, = [json.loads(x) for x in (tmp_path / "p.run" / "results.jsonl").read_text().splitlines()]
+    assert row["packed"] is True and np.isfinite(row["metrics"]["train_loss"])
