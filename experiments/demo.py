@@ -1,0 +1,55 @@
+"""The end-to-end demo (README's main job): teacher -> sweep -> scaling-law fits -> report.
+
+  python -m experiments.demo                     # SmolLM2-135M-Instruct, Twitter topics
+  python -m experiments.demo --preset=paper      # the full grid (hours on CPU; for GPUs)
+  python -m experiments.demo --teacher=DIR --task=train=train.csv,test=test.csv --out=runs/mine
+
+Every `experiments.sweep` flag works here; the demo only sets defaults (--preset=demo,
+--out=runs/demo). It runs the sweep (cached and resumable: rerunning skips what is done),
+merges the rows into OUT/results.jsonl, fits the laws and writes OUT/report/report.md with
+its plots, then prints a compression plan for a default set of constraints.
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import flags
+
+from experiments import flags as common
+from experiments import sweep as sweep_main
+from jdistill import sweep
+
+flags.FLAGS.set_default("preset", "demo")
+flags.FLAGS.set_default("out", "runs/demo")
+N_BOOT = flags.DEFINE_integer("n_boot", 200, "bootstrap resamples of the law fits")
+
+
+def run_main(module: str, *args: str) -> None:
+    """Runs another main as its own process (its flags are its own), failing loudly."""
+    cmd = [sys.executable, "-m", module, *args]
+    print(f"[demo] {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main(argv):
+    del argv
+    start = time.perf_counter()
+    sweep_main.main([])
+    if sweep_main.DRY_RUN.value or sweep_main.MERGE.value:
+        return
+    out = Path(sweep_main.OUT.value)
+    results, n = sweep.merge_rows(out)
+    print(f"[demo] {n} rows in {results}; fitting laws and writing the report")
+    run_main("experiments.report", f"--results={results}", f"--out={out / 'report'}",
+             f"--n_boot={N_BOOT.value}")
+    run_main("experiments.plan", f"--results={results}", "--min_in_domain_rel=0.95",
+             "--max_general_drop=0.10", f"--n_boot={N_BOOT.value}",
+             f"--out={out / 'report' / 'plan.json'}")
+    print(f"[demo] done in {sweep_main.fmt_time(time.perf_counter() - start)}; report: "
+          f"{out / 'report' / 'report.md'}")
+
+
+if __name__ == "__main__":
+    common.run(main)
