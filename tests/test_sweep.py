@@ -137,6 +137,7 @@ def make_study_inputs(root: Path):
             "eval_batch_size=8,lora_rank=4")
 
 
+@pytest.mark.slow
 def test_tiny_sweep_writes_rows_and_resumes(tmp_path):
     args = [sys.executable, "-m", "experiments.sweep", f"--out={tmp_path}/s",
             *make_study_inputs(tmp_path), "--ratios=2", "--formats=label,blended",
