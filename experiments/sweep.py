@@ -137,8 +137,10 @@ def cell_commands(cells) -> list[str]:
         n = arg.lstrip("-").split("=")[0]
         return n[2:] if n.startswith("no") and n[2:] in drop else n
 
-    args = [a for a in sys.argv[1:] if name(a) not in drop]
-    base = [sys.executable, "-m", "experiments.sweep", *args]
+    args = [a for a in sys.argv[1:] if name(a) not in drop | {"out", "preset"}]
+    # explicit, so commands from the demo (whose defaults differ) mean the same cells
+    pinned = [f"--out={OUT.value}"] + ([f"--preset={PRESET.value}"] if PRESET.value else [])
+    base = [sys.executable, "-m", "experiments.sweep", *pinned, *args]
     return [shlex.join(base + [f"--cell={c.id}"]) for c in cells]
 
 
