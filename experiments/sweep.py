@@ -27,7 +27,7 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments import flags as common
-from jdistill import pipeline, sweep
+from jdistill import pipeline, results, sweep
 
 OUT = flags.DEFINE_string("out", None, "sweep directory (rows/, cells/, results.jsonl)")
 PRESET = flags.DEFINE_enum("preset", None, sorted(sweep.PRESETS),
@@ -156,7 +156,7 @@ def check_out_dir(out: Path, g: sweep.Grid, s: pipeline.Settings) -> None:
                               json.dumps(spec["settings"][k])))
             raise app.UsageError(f"{out} holds a sweep with other settings ({diff}); its rows "
                                  "would not be comparable. Use another --out, or delete it.")
-    sweep.atomic_write_text(path, json.dumps(spec, indent=1))
+    results.atomic_write(path, json.dumps(spec, indent=1))
 
 
 def enable_compilation_cache() -> None:

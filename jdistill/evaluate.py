@@ -26,10 +26,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill import losses
+from jdistill import losses, results
 from jdistill import sharding as sharding_lib
 from jdistill import tasks as tasks_lib
 from jdistill.model import KVCache
@@ -607,21 +605,7 @@ def perplexity(model, tokenizer, text: str, *, window: int = 512, stride: int = 
 # ------------------------------------------------------------------ outputs
 
 
-def atomic_write(path, data: bytes) -> Path:
-    """Writes bytes to `path` via a temp file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+atomic_write = results.atomic_write  # kept under this name for callers
 
 
 def save_confusion(cm: np.ndarray, label_names, out_dir, stem: str = "confusion") -> dict:

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -31,6 +32,24 @@ def run_metadata() -> dict:
     """Run id, git sha and UTC time: the first fields of every row."""
     return {"run_id": uuid.uuid4().hex[:12], "git_sha": git_sha(),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def atomic_write(path, data: str | bytes) -> Path:
+    """Writes `data` to `path` via a temp file in the same directory, fsync and rename: a
+    crash leaves the old file or none, never half of the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def append_row(path, row: dict) -> None:

@@ -23,6 +23,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from jdistill import results
+
 FORMATS = ("label", "logits", "cot", "blended")
 METHODS = ("full", "lora")
 SCHEDULES = ("one_shot", "iterative")
@@ -175,25 +177,9 @@ def is_done(out_dir, cell_id: str) -> bool:
     return row_file(out_dir, cell_id).exists()
 
 
-def atomic_write_text(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_row(out_dir, cell_id: str, row: dict) -> Path:
     """A cell's row, all or nothing: a killed write leaves no file, so the cell reruns."""
-    return atomic_write_text(row_file(out_dir, cell_id), json.dumps(row) + "\n")
+    return results.atomic_write(row_file(out_dir, cell_id), json.dumps(row) + "\n")
 
 
 def read_row(out_dir, cell_id: str) -> dict:
@@ -211,7 +197,7 @@ def merge_rows(out_dir) -> tuple[Path, int]:
                 raise ValueError(f"{f}: not a JSON row ({e}); delete the file to rerun its "
                                  "cell") from None
             lines.append(line)
-    path = atomic_write_text(Path(out_dir) / "results.jsonl",
+    path = results.atomic_write(Path(out_dir) / "results.jsonl",
                              "".join(line + "\n" for line in lines))
     return path, len(lines)
 

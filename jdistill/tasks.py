@@ -26,13 +26,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 # the tabular readers live in data (one reader for every file); tasks.read_rows stays public
+from jdistill import results
 from jdistill.data import READERS, TEXT_COLUMNS, read_rows  # noqa: F401
 
 DATA_ROOT = Path("/work/shared/data")  # the shipped data (see its MANIFEST.md)
@@ -346,17 +345,5 @@ def class_counts(task: TaskSpec, examples: list) -> dict:
 
 def write_records(path, records: list[dict]) -> Path:
     """Writes records as JSONL atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return results.atomic_write(path, text)
