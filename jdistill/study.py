@@ -285,13 +285,7 @@ def load_study(path) -> Study:
                   where=[f"{path}:{i}" for i, _ in numbered])
 
 
-def _lookup(row: Mapping, path: str):
-    cur = row
-    for part in path.split("."):
-        if not isinstance(cur, Mapping) or part not in cur:
-            raise KeyError(path)
-        cur = cur[part]
-    return cur
+_lookup = sc._lookup  # dotted paths into rows, as the fitter reads them
 
 
 def _number(row, path, where, *, required=True, lo=None, hi=None) -> float:
