@@ -1,12 +1,14 @@
 """Evaluation: in-domain classification, multiple-choice general knowledge, perplexity.
 
 Everything is log-likelihood scoring with one batched, jitted core (`choice_logliks`):
-a batch of contexts is run once with a KV cache, the cache is repeated for every candidate
-continuation, and the continuations run on top of it, so a context shared by 20 labels (or
-4 answers) is computed once. Padding never changes a score: contexts are left-padded and
-continuations right-padded to length buckets (multiples of `CTX_BUCKET` / `CONT_BUCKET`, to
-limit recompiles), padded keys are masked, and the per-token log-probs (f32, chunked over
-tokens: no [B, T, V] logits) are summed over real continuation tokens only.
+a batch of contexts is run once with a KV cache, and all candidate continuations of a
+context run on top of it packed into one row (each attends to the shared context and to
+its own earlier tokens only, with its own positions), so a context shared by 20 labels (or
+4 answers) is computed once and no continuation pays for another's padding. Padding never
+changes a score: contexts are left-padded and packed continuations right-padded to length
+buckets (multiples of `CTX_BUCKET` / `CONT_BUCKET`, to limit recompiles), padded keys are
+masked, and the per-token log-probs (f32, chunked over tokens: no [B, T, V] logits) are
+summed over each continuation's real tokens only.
 
 Scoring follows EleutherAI lm-evaluation-harness (v0.4, github.com/EleutherAI/
 lm-evaluation-harness): `encode_pair` is `HFLM._encode_pair` (trailing context spaces move
@@ -44,7 +46,7 @@ from jdistill.model import KVCache
 GENERAL_ROOT = tasks_lib.DATA_ROOT / "general"
 CORPUS_ROOT = tasks_lib.DATA_ROOT / "corpus"
 CTX_BUCKET = 32  # contexts pad to multiples of this many tokens
-CONT_BUCKET = 8  # continuations likewise (most are short)
+CONT_BUCKET = 16  # packed continuations likewise
 LOGIT_CHUNK = 1024  # tokens whose logits exist at once ([chunk, V] f32)
 
 
@@ -103,30 +105,33 @@ def bucket(n: int, multiple: int) -> int:
 # ------------------------------------------------------------------ core scoring
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _choice_logliks(graphdef, state, ctx, ctx_mask, cont, cont_mask):
-    """ctx/ctx_mask [B, S] (left-padded, last token real), cont/cont_mask [B, C, T]
-    (right-padded) -> summed log-prob of each continuation [B, C] f32."""
+@functools.partial(jax.jit, static_argnums=(0, 7, 8))
+def _choice_logliks(graphdef, state, ctx, ctx_mask, cont, choice, offset, n_choices,
+                    single_tokens):
+    """ctx/ctx_mask [B, S] (left-padded, last token real); cont [B, T] the continuations of
+    each context packed in one row, choice [B, T] their index (-1: padding), offset [B, T]
+    each token's position within its continuation -> summed log-prob of each [B, C] f32.
+    single_tokens: every continuation is one token (no second forward is needed)."""
     model = nnx.merge(graphdef, state)
     b, s = ctx.shape
-    _, c, t = cont.shape
-    cache = KVCache.create(model.config, b, s + t, model.dtype)
+    t = cont.shape[1]
+    mask = choice >= 0
+    cache = KVCache.create(model.config, b, s + (0 if single_tokens else t), model.dtype)
     hidden, cache = model.forward(ctx, attention_mask=ctx_mask, cache=cache)
-    last = jnp.repeat(hidden[:, -1], c, axis=0)  # predicts each continuation's first token
-    tokens = cont.reshape(b * c, t)
-    mask = cont_mask.reshape(b * c, t)
-    if t == 1:
-        predictors = last[:, None]
+    last = hidden[:, -1:]  # predicts the first token of every continuation
+    if single_tokens:
+        predictors = jnp.broadcast_to(last, (b, t, last.shape[-1]))
     else:
-        rep = lambda x: jnp.repeat(x, c, axis=0)  # noqa: E731  every choice gets the context
-        cache = KVCache(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)),
-                        valid=rep(cache.valid), index=cache.index)
-        positions = rep(ctx_mask.sum(axis=1))[:, None] + jnp.arange(t)[None]
-        h, _ = model.forward(tokens, attention_mask=mask, positions=positions, cache=cache)
-        predictors = jnp.concatenate([last[:, None], h[:, :-1]], axis=1)
-    _, nll = losses.fused_token_terms(predictors, model.unembed_weight(), targets=tokens,
+        positions = ctx_mask.sum(axis=1, keepdims=True) + offset
+        h, _ = model.forward(cont, attention_mask=mask, positions=positions, cache=cache,
+                             documents=choice)
+        # token j is predicted by token j - 1 of its own continuation, or the context's last
+        prev = jnp.concatenate([last, h[:, :-1]], axis=1)
+        predictors = jnp.where((offset == 0)[..., None], last, prev)
+    _, nll = losses.fused_token_terms(predictors, model.unembed_weight(), targets=cont,
                                       chunk_size=LOGIT_CHUNK)
-    return -jnp.sum(jnp.where(mask, nll, 0.0), axis=-1).reshape(b, c)
+    picks = jax.nn.one_hot(choice, n_choices, dtype=jnp.float32)  # -1 -> all zeros
+    return -jnp.einsum("bt,btc->bc", jnp.where(mask, nll, 0.0), picks)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -183,6 +188,7 @@ def choice_logliks(model, requests, *, batch_size: int = 8, mesh=None, max_lengt
                              f"max_length={max_length}")
         prepared.append((list(ctx)[-(max_length + 1 - longest):], [list(c) for c in conts]))
     n_choices = max((len(c) for _, c in prepared), default=1)
+    single_tokens = all(len(x) == 1 for _, conts in prepared for x in conts)
     graphdef, state = _split(model, mesh)
     order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))  # less padding
     out = [None] * len(prepared)
@@ -191,20 +197,24 @@ def choice_logliks(model, requests, *, batch_size: int = 8, mesh=None, max_lengt
         idx = order[start:start + batch_size]
         batch = [prepared[i] for i in idx]
         s = bucket(max(len(c) for c, _ in batch), CTX_BUCKET)
-        longest = max(len(x) for _, conts in batch for x in conts)
-        t = 1 if longest == 1 else bucket(longest, CONT_BUCKET)
+        t = bucket(max(sum(map(len, conts)) for _, conts in batch), CONT_BUCKET)
         ctx = np.full((batch_size, s), pad_id, np.int32)
         ctx_mask = np.zeros((batch_size, s), bool)
         ctx_mask[:, -1] = True  # filler rows: one "real" pad token, results dropped
-        cont = np.full((batch_size, n_choices, t), pad_id, np.int32)
-        cont_mask = np.zeros((batch_size, n_choices, t), bool)
+        cont = np.full((batch_size, t), pad_id, np.int32)
+        choice = np.full((batch_size, t), -1, np.int32)
+        offset = np.zeros((batch_size, t), np.int32)
         for r, (c, conts) in enumerate(batch):
             ctx[r, s - len(c):], ctx_mask[r, s - len(c):] = c, True
+            at = 0
             for j, x in enumerate(conts):
-                cont[r, j, :len(x)], cont_mask[r, j, :len(x)] = x, True
+                cont[r, at:at + len(x)], choice[r, at:at + len(x)] = x, j
+                offset[r, at:at + len(x)] = np.arange(len(x))
+                at += len(x)
         # to_host: a collective gather when the batch is split over several processes
         ll = sharding_lib.to_host(_choice_logliks(graphdef, state, *_place(
-            (ctx, ctx_mask, cont, cont_mask), mesh))).astype(np.float64)
+            (ctx, ctx_mask, cont, choice, offset), mesh), n_choices, single_tokens)
+        ).astype(np.float64)
         for r, i in enumerate(idx):
             out[i] = ll[r, :len(prepared[i][1])]
         bar.update(len(idx))

@@ -66,10 +66,11 @@ def test_continuation_logliks_match_transformers(tiny):
 def test_padding_never_changes_a_score(tiny):
     _, _, tok, model = tiny
     short = (ev.encode(tok, "the fed"), [ev.encode(tok, " holds"), ev.encode(tok, " dog")])
-    # Longer contexts (> one 32-token bucket), longer continuations (> 8) and more choices.
+    # Longer contexts (> one bucket), more packed continuation tokens (> one bucket) and
+    # more choices.
     long_ctx = ev.encode(tok, "the quick brown fox jumps over the lazy dog " * 6)
     long = (long_ctx, [ev.encode(tok, " markets rally as the fed holds rates " * 2)] * 4)
-    assert len(long_ctx) > ev.CTX_BUCKET and len(long[1][0]) > ev.CONT_BUCKET
+    assert len(long_ctx) > ev.CTX_BUCKET and 4 * len(long[1][0]) > 2 * ev.CONT_BUCKET
     alone = ev.choice_logliks(model, [short], batch_size=1)[0]
     padded = ev.choice_logliks(model, [long, short, long], batch_size=4)[1]
     np.testing.assert_allclose(padded, alone, atol=1e-5, rtol=0)

@@ -10,7 +10,8 @@ from tests.hf_models import padded_batch, save_hf_model
 
 
 @pytest.mark.parametrize("variant", ["llama3", "qwen2_untied", "qwen3"])
-def test_all_ones_masks_are_bit_identical(variant, tmp_path):
+def test_all_ones_masks_are_no_ops(variant, tmp_path):
+    """Exact in arithmetic; XLA may reassociate a masked reduction differently (~1 ulp)."""
     save_hf_model(variant, tmp_path)
     model = jdistill.load_pretrained(tmp_path)
     ids, mask = padded_batch()
@@ -18,10 +19,10 @@ def test_all_ones_masks_are_bit_identical(variant, tmp_path):
     for name, m in ones_masks(model.config).items():
         masked = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                                   masks={name: m}))
-        np.testing.assert_array_equal(masked, plain, err_msg=name)
+        np.testing.assert_allclose(masked, plain, rtol=0, atol=1e-6, err_msg=name)
     masked = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                               masks=ones_masks(model.config)))
-    np.testing.assert_array_equal(masked, plain)
+    np.testing.assert_allclose(masked, plain, rtol=0, atol=1e-6)
 
 
 def test_masks_equal_removing_the_structure():

@@ -53,12 +53,13 @@ def test_packed_logits_equal_each_example_alone(variant, tmp_path):
         np.testing.assert_allclose(packed[row["documents"] == doc], alone, atol=1e-4)
 
 
-def test_documents_refuse_a_cache(tmp_path):
+def test_documents_on_a_cache_need_positions(tmp_path):
+    """Continuations packed on a cached context (evaluation) must say where they start."""
     from jdistill.model import KVCache
     make_hf_model("llama3").save_pretrained(tmp_path)
     model = jdistill.load_pretrained(tmp_path)
     cache = KVCache.create(model.config, 1, 8, model.dtype)
-    with pytest.raises(ValueError, match="cannot be combined with a KV cache"):
+    with pytest.raises(ValueError, match="need explicit positions"):
         model.forward(np.ones((1, 4), np.int32), documents=np.ones((1, 4), np.int32),
                       cache=cache)
 
