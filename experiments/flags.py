@@ -55,6 +55,11 @@ def run(main):
     from absl import app
 
     def guarded(argv):
+        from absl import flags as absl_flags
+        from absl import logging
+
+        if not absl_flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
         except Exception as e:  # noqa: BLE001 - any failure takes the whole run down

@@ -65,9 +65,9 @@ MERGE = flags.DEFINE_bool("merge", False, "only merge OUT/rows into OUT/results.
 
 # demo-sized settings: minutes per cell on a 2-core CPU with the 135M teacher
 SETTINGS_PRESETS = {
-    "demo": dict(eval_examples=80, general=("arc_easy", "piqa"), general_limit=40,
-                 correction_steps=16, correction_examples=256,
-                 correction_learning_rate=1e-4, steps=12, batch_size=8,
+    "demo": dict(eval_examples=64, general=("arc_easy", "piqa"), general_limit=32,
+                 correction_steps=10, correction_examples=256,
+                 correction_learning_rate=1e-4, steps=8, batch_size=8,
                  seq_len=96, calib_samples=32, trace_max_new_tokens=24),
     "paper": dict(eval_examples=1000, general=("arc_easy", "arc_challenge", "hellaswag",
                                                "piqa", "boolq", "openbookqa", "mmlu"),

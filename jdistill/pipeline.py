@@ -23,8 +23,12 @@ import jax
 import numpy as np
 
 import jdistill
-from jdistill import data, evaluate, formats, pruning, results, supervision, sweep, tasks, train
+from jdistill import (data, evaluate, formats, packing, pruning, results, supervision, sweep,
+                      tasks, train)
 from jdistill.pruning import report as prune_report
+
+
+SHORT_RUN_STEPS = 50  # runs shorter than this are not checkpointed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +54,7 @@ class Settings:
     calib_seq_len: int = 64
     # distillation
     steps: int = 40
-    batch_size: int = 8
+    batch_size: int = 8                # packed rows of seq_len tokens per step
     seq_len: int = 96
     learning_rate: float = 2e-4
     warmup_steps: int = 4
@@ -132,7 +136,7 @@ class Study:
         settings = {k: getattr(self.s, k) for k in
                     ("task", "train_split", "correction_steps", "correction_learning_rate",
                      "correction_examples", "batch_size", "seq_len")}
-        key = sweep.stage_key(teacher=self._identity(original), **settings)
+        key = sweep.stage_key(teacher=self._identity(original), packed=True, **settings)
 
         def build(tmp):
             self.log(f"[teacher correction] {self.s.correction_steps} steps of label CE on "
@@ -241,10 +245,14 @@ class Study:
             self.log(f"warning: {cut}/{len(encoded)} examples are longer than seq_len="
                      f"{self.s.seq_len} and lose their answer tokens; raise seq_len")
         pad = student.config.pad_token_id if student.config.pad_token_id is not None else 0
-        batcher = data.Batcher(encoded, batch_size=self.s.batch_size, seq_len=self.s.seq_len,
-                               seed=cfg.seed, pad_id=pad)
+        # packed rows: task examples are a fraction of seq_len, and packing computes each
+        # exactly as alone (packing.py), so a step sees more examples for the same FLOPs
+        batcher = packing.PackedBatcher(encoded, batch_size=self.s.batch_size,
+                                        seq_len=self.s.seq_len, seed=cfg.seed, pad_id=pad)
+        # a run of a few minutes is cheaper to redo than to checkpoint (~1 GB per save)
+        every = 0 if cfg.steps < SHORT_RUN_STEPS else max(10, cfg.steps // 4)
         return train.train(student, teacher, batcher, cfg, workdir=workdir, mesh=self.mesh,
-                           checkpoint_every=max(10, cfg.steps // 2), keep_checkpoints=1,
+                           checkpoint_every=every, keep_checkpoints=1,
                            log_every=max(1, cfg.steps // 5), log=self.log)
 
     def distill_config(self, cell: sweep.Cell, steps: int) -> train.DistillConfig:

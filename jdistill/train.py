@@ -251,7 +251,8 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
           log_every: int = 10, log: Callable[[str], None] = print) -> RunResult:
     """Runs (or resumes) `cfg.steps` optimizer steps; returns the trained student model.
 
-    workdir/checkpoints holds orbax checkpoints (the last `keep_checkpoints`); workdir/
+    workdir/checkpoints holds orbax checkpoints (the last `keep_checkpoints`, every
+    `checkpoint_every` steps and at the end; 0: none, for runs cheaper to redo); workdir/
     metrics.jsonl one line per logged step (and workdir/tensorboard event files when
     tensorboardX is installed). Raises NonFiniteError naming the step when the
     loss or gradient is not finite; the last good checkpoint stays on disk.
@@ -267,11 +268,11 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
         (nnx.split(teacher)[0], pure_params(teacher))
     _check_global(student, teacher)
     state, frozen, t_params, state_sh = _place(student, t_params, mesh, cfg)
-    manager = ocp.CheckpointManager(
+    manager = None if not checkpoint_every else ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints,
                                              enable_async_checkpointing=False))
-    resumed_from = manager.latest_step()
+    resumed_from = None if manager is None else manager.latest_step()
     if resumed_from is not None:
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -296,14 +297,14 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
         state, metrics = step_fn(state, frozen, t_params, batch)
         done = step + 1
         if not float(metrics["finite"]):
-            last = manager.latest_step()
+            last = None if manager is None else manager.latest_step()
             kept = (f"the last good checkpoint is step {last} in {workdir / 'checkpoints'}"
                     if last is not None else "no checkpoint was written before it")
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {done} (loss {float(metrics['loss'])}, "
                 f"grad norm {float(metrics['grad_norm'])}); {kept}; lower the learning rate, "
                 "check the data, or check the teacher for NaN weights")
-        if done % checkpoint_every == 0 or done == cfg.steps:
+        if manager is not None and (done % checkpoint_every == 0 or done == cfg.steps):
             manager.save(done, args=ocp.args.StandardSave(state))
         if done % log_every == 0 or done == cfg.steps or done == start + 1:
             elapsed = time.perf_counter() - t0
@@ -319,7 +320,8 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
                              if k in ("loss", "trace_kl", "trace_ce", "answer_kl", "answer_ce",
                                       "union_kl", "union_ce", "grad_norm"))
             log(f"step {done}/{cfg.steps} {terms} | {rate:,.0f} tok/s | ETA {eta:,.0f}s")
-    manager.wait_until_finished()
+    if manager is not None:
+        manager.wait_until_finished()
     if board is not None:
         board.close()
     final = student_params(state.params, frozen, dataclasses.replace(cfg, lora_dropout=0.0))
