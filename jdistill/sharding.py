@@ -106,8 +106,14 @@ def logical_axes(path) -> tuple:
 
 def param_shardings(state, mesh: Mesh, rules: dict = RULES) -> list[NamedSharding]:
     """NamedShardings for the leaves of an nnx.State (flattened leaf order)."""
-    return [NamedSharding(mesh, spec_for(logical_axes(p), leaf.shape, mesh, rules))
+    return [NamedSharding(mesh, spec_for(_stacked(logical_axes(p), leaf), leaf.shape, mesh,
+                                         rules))
             for p, leaf in jax.tree_util.tree_leaves_with_path(state)]
+
+
+def _stacked(axes: tuple, leaf) -> tuple:
+    """Layers stacked on a leading axis (`train.stack_layers`) keep that axis unsharded."""
+    return ("layers", *axes) if len(leaf.shape) == len(axes) + 1 else axes
 
 
 def state_shardings(state, mesh: Mesh, rules: dict = RULES):

@@ -109,6 +109,26 @@ def pure_params(model: Decoder) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def stack_layers(params: dict) -> dict:
+    """Pure params with `layers` {0: tree, 1: tree, ...} as one tree of [L, ...] arrays.
+
+    Why: the optimizer, gradient and NaN guard then handle ~10 arrays instead of ~10 per
+    layer, and XLA:CPU compiles a 30-layer train step several times faster (each small
+    per-leaf fusion is compiled on its own). The model's scanned forward stacks the layers
+    anyway, so stack(unstack(x)) folds away."""
+    layers = params["layers"]
+    return {**params, "layers": jax.tree_util.tree_map(
+        lambda *a: jnp.stack(a), *[layers[i] for i in sorted(layers)])}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of `stack_layers` (the model's own per-layer structure)."""
+    stacked = params["layers"]
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    return {**params, "layers": {i: jax.tree_util.tree_map(lambda x: x[i], stacked)
+                                 for i in range(n)}}
+
+
 def init_state(student: Decoder, cfg: DistillConfig):
     """(TrainState, frozen base or None). LoRA: adapters train, the base is frozen."""
     return init_state_from(pure_params(student), cfg)
@@ -123,15 +143,16 @@ def init_state_from(base: dict, cfg: DistillConfig):
                                        init_rng)
         frozen = base
     else:
-        trainable, frozen = base, None
+        trainable, frozen = stack_layers(base), None
     opt_state = make_optimizer(cfg).init(trainable)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=opt_state,
                       rng=rng), frozen
 
 
 def student_params(state_params, frozen, cfg: DistillConfig, rng=None):
+    """The model's pure params from a train state's (stacked layers, or LoRA + base)."""
     if not cfg.lora_rank:
-        return state_params
+        return unstack_layers(state_params)
     return lora_lib.apply_lora(frozen, state_params, dropout=cfg.lora_dropout, rng=rng)
 
 
