@@ -19,7 +19,7 @@ from absl import app, flags
 
 import jdistill
 from experiments import flags as common
-from jdistill import data, results, supervision, train
+from jdistill import data, packing, results, supervision, train
 from jdistill.pruning import report
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory or .gguf of the teacher")
@@ -28,7 +28,8 @@ OUT = flags.DEFINE_string("out", None, "output directory for the corrected teach
 FORMAT = flags.DEFINE_enum("format", "label", ["label", "cot"], "supervision: CE on the answer "
                            "(label) or on reasoning + answer (cot)")
 STEPS = flags.DEFINE_integer("steps", 100, "optimizer steps")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per step")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "packed rows per step (several short "
+                                  "examples share a row; each computes as alone)")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "tokens per sequence")
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-5, "peak learning rate")
 WARMUP = flags.DEFINE_integer("warmup_steps", 10, "linear warm-up steps")
@@ -54,7 +55,8 @@ def main(argv):
     out = Path(OUT.value)
     settings = {"format": FORMAT.value, "steps": STEPS.value, "batch_size": BATCH_SIZE.value,
                 "seq_len": SEQ_LEN.value, "learning_rate": LEARNING_RATE.value,
-                "warmup_steps": WARMUP.value, "lora_rank": LORA_RANK.value, "seed": SEED.value}
+                "warmup_steps": WARMUP.value, "lora_rank": LORA_RANK.value, "seed": SEED.value,
+                "packed": True}
     key = correction_key(teacher_dir, Path(DATA.value), settings)
     done = out / "correction.json"
     if done.exists() and json.loads(done.read_text()).get("key") == key:
@@ -69,8 +71,8 @@ def main(argv):
     encoded = supervision.encode_records(tokenizer, records, model.config,
                                          with_reasoning=FORMAT.value == "cot")
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    batcher = data.Batcher(encoded, batch_size=BATCH_SIZE.value, seq_len=SEQ_LEN.value,
-                           seed=SEED.value, pad_id=pad)
+    batcher = packing.PackedBatcher(encoded, batch_size=BATCH_SIZE.value,
+                                    seq_len=SEQ_LEN.value, seed=SEED.value, pad_id=pad)
     workdir = Path(f"{out}.run-{key[:12]}")  # a resumable run per input key
     result = train.train(model, None, batcher, cfg, workdir=workdir, mesh=mesh)
     if jax.process_index() == 0:
