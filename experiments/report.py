@@ -13,6 +13,7 @@ import datetime
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def write_report(results_path, out_dir, *, n_boot: int = 200, seed: int = 0,
     summary = {**sd.summary(an), "plots": plots}
     sc.atomic_write(out / "fits.json", json.dumps(summary, indent=1))
     path = out / "report.md"
-    sc.atomic_write(path, markdown(an, summary, plots))
+    # relative: the report folder stays readable when it moves with its results
+    source = os.path.relpath(Path(results_path).resolve(), out.resolve())
+    sc.atomic_write(path, markdown(an, summary, plots, source=source))
     return path
 
 
@@ -176,8 +179,9 @@ def _pm(v, se) -> str:
     return f"{v:.4f}" + (f" ± {se:.4f}" if math.isfinite(se) else "")
 
 
-def markdown(an: sd.Analysis, summary: dict, plots: list[str]) -> str:
-    """report.md: header, findings, plots, fitted parameters, extrapolation, raw rows."""
+def markdown(an: sd.Analysis, summary: dict, plots: list[str], *, source=None) -> str:
+    """report.md: header, findings, plots, fitted parameters, extrapolation, raw rows.
+    `source`: the results file as the report names it (default: as it was loaded)."""
     st = an.study
     t_acc, t_acc_se = st.teacher_value("in_domain_accuracy")
     t_gen, t_gen_se = st.teacher_value("general_score")
@@ -187,7 +191,7 @@ def markdown(an: sd.Analysis, summary: dict, plots: list[str]) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     lines = [
         "# Compression study report", "",
-        f"- Results: `{st.source}` — {len(st.cells)} student cells, {len(st.teachers)} teacher "
+        f"- Results: `{source or st.source}` — {len(st.cells)} student cells, {len(st.teachers)} teacher "
         f"row(s); formats {', '.join(st.formats)}",
         f"- Task: {', '.join(tasks) or 'unknown'}; teacher: "
         + (f"`{t0.name}`, " if t0.name else "") + f"{t0.teacher_params or '?'} parameters",
