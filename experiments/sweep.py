@@ -65,10 +65,11 @@ MERGE = flags.DEFINE_bool("merge", False, "only merge OUT/rows into OUT/results.
 
 # demo-sized settings: minutes per cell on a 2-core CPU with the 135M teacher
 SETTINGS_PRESETS = {
+    # (rows of 128 tokens pack two ~60-token prompts + answers: 4 rows ~ 8 examples a step)
     "demo": dict(eval_examples=64, general=("arc_easy", "piqa"), general_limit=32,
-                 correction_steps=10, correction_examples=256,
-                 correction_learning_rate=1e-4, steps=8, batch_size=8,
-                 seq_len=96, calib_samples=32, trace_max_new_tokens=24),
+                 correction_steps=16, correction_examples=256,
+                 correction_learning_rate=1e-4, steps=10, batch_size=4,
+                 seq_len=128, calib_samples=32, trace_max_new_tokens=24),
     "paper": dict(eval_examples=1000, general=("arc_easy", "arc_challenge", "hellaswag",
                                                "piqa", "boolq", "openbookqa", "mmlu"),
                   general_limit=500, correction_steps=300, correction_examples=4000,
