@@ -66,9 +66,10 @@ MERGE = flags.DEFINE_bool("merge", False, "only merge OUT/rows into OUT/results.
 # demo-sized settings: minutes per cell on a 2-core CPU with the 135M teacher
 SETTINGS_PRESETS = {
     # (rows of 128 tokens pack two ~60-token prompts + answers: 4 rows ~ 8 examples a step)
-    "demo": dict(eval_examples=64, general=("arc_easy", "piqa"), general_limit=32,
-                 correction_steps=16, correction_examples=256,
-                 correction_learning_rate=1e-4, steps=10, batch_size=4,
+    # (evaluation sizes are whole batches of eval_batch_size=16: a part batch costs a full one)
+    "demo": dict(eval_examples=48, general=("arc_easy", "piqa"), general_limit=16,
+                 correction_steps=10, correction_examples=256,
+                 correction_learning_rate=1e-4, steps=6, batch_size=4,
                  seq_len=128, calib_samples=32, trace_max_new_tokens=24),
     "paper": dict(eval_examples=1000, general=("arc_easy", "arc_challenge", "hellaswag",
                                                "piqa", "boolq", "openbookqa", "mmlu"),

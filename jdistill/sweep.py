@@ -122,7 +122,7 @@ PRESETS = {
     # the README's demo: a few ratios, label vs blended CoT, LoRA and iterative contrasts
     "demo": Grid(ratios=(1.5, 2.0, 3.0), formats=("label", "blended"),
                  methods=("full", "lora"), schedules=("one_shot", "iterative"),
-                 examples=(128, 48), design="star", contrast_ratios=(2.0,),
+                 examples=(64,), design="star", contrast_ratios=(2.0,),
                  contrast_formats=("label",)),
     # the paper's grid (hours on a CPU; meant for accelerators)
     "paper": Grid(ratios=(1.25, 1.5, 2.0, 3.0, 4.0, 6.0), formats=FORMATS,

@@ -18,15 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_star_grid_has_every_comparison_the_findings_need():
     cells = sweep.PRESETS["demo"].cells()
     ids = [c.id for c in cells]
-    assert len(ids) == len(set(ids)) == 3 * 2 + 3
+    assert len(ids) == len(set(ids)) == 3 * 2 + 2
     base = {(c.ratio, c.format) for c in cells
-            if (c.method, c.schedule, c.examples) == ("full", "one_shot", 128)}
+            if (c.method, c.schedule, c.examples) == ("full", "one_shot", 64)}
     assert base == {(r, f) for r in (1.5, 2.0, 3.0) for f in ("label", "blended")}
-    contrasts = {(c.method, c.schedule, c.examples) for c in cells} - {("full", "one_shot", 128)}
-    assert contrasts == {("lora", "one_shot", 128), ("full", "iterative", 128),
-                         ("full", "one_shot", 48)}
+    contrasts = {(c.method, c.schedule, c.examples) for c in cells} - {("full", "one_shot", 64)}
+    assert contrasts == {("lora", "one_shot", 64), ("full", "iterative", 64)}
     assert all(c.ratio == 2.0 and c.format == "label" for c in cells
-               if (c.method, c.schedule, c.examples) != ("full", "one_shot", 128))
+               if (c.method, c.schedule, c.examples) != ("full", "one_shot", 64))
     assert [c.prune_steps for c in cells if c.schedule == "iterative"] == [2]
 
 
