@@ -143,7 +143,8 @@ def _panel(ax, an, fmt, metric, cf, teacher, chance):
             ax.plot(rg, cf.predict(rg, d), color=color, lw=1.5,
                     label=f"{cf.law.name}" + (f" D={d}" if d is not None else ""))
             band = cf.band(rg, d)
-            if band is not None:
+            if band is not None:  # accuracies and scores live in [0, 1]; so does their band
+                band = np.clip(band, 0.0, 1.0)
                 ax.fill_between(rg, band[0], band[1], color=color, alpha=0.18)
         if "r0" in cf.params():
             r0 = cf.params()["r0"]
