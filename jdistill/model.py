@@ -288,31 +288,30 @@ class Decoder(nnx.Module):
                 k_valid = k_valid[:, None, :] & (shared[None, None, :] | same)  # [B, T, S]
 
         x = _mask_channels(self.embed_tokens[...][tokens], masks.get("hidden"))
-        args = (cos, sin, q_slots, k_valid, index)
+        attn = (cos, sin, q_slots, k_valid)  # what every layer's attention needs
         if activations is None:
-            x, new_k, new_v = self._scan_layers(x, args, masks, cache)
+            x, new_k, new_v = self._scan_layers(x, attn, index, masks, cache)
         else:
-            x, new_k, new_v = self._loop_layers(x, args, masks, cache, activations)
+            x, new_k, new_v = self._loop_layers(x, attn, index, masks, cache, activations)
         x = rms_norm(x, self.norm[...], c.rms_norm_eps, masks.get("hidden"))
         if cache is not None:
             cache = KVCache(k=new_k, v=new_v, valid=cache_valid, index=index + t)
         return x, cache
 
-    def _scan_layers(self, x, args, masks, cache):
+    def _scan_layers(self, x, attn, index, masks, cache):
         """The layers as one `lax.scan` over their stacked parameters: XLA compiles one
         layer instead of num_layers copies (a 30-layer step compiles ~10x faster on a CPU).
         Every layer has the config's shapes, so the states stack."""
         graphdef, _ = nnx.split(self.layers[0])
-        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
-                                         *[nnx.state(layer) for layer in self.layers])
+        stacked = stack_trees([nnx.state(layer) for layer in self.layers])
         hidden_mask = masks.get("hidden")
         xs = (stacked, masks.get("heads"), masks.get("mlp"), masks.get("layers"),
               None if cache is None else (cache.k, cache.v))
 
         def body(x, xs):
             state, head_mask, neuron_mask, keep, kv = xs
-            y, kv = nnx.merge(graphdef, state)(x, *args[:4], kv, args[4],
-                                               head_mask=head_mask, neuron_mask=neuron_mask,
+            y, kv = nnx.merge(graphdef, state)(x, *attn, kv, index, head_mask=head_mask,
+                                               neuron_mask=neuron_mask,
                                                hidden_mask=hidden_mask)
             return (y if keep is None else jnp.where(keep, y, x)), \
                 (None if cache is None else kv)  # without a cache nothing is kept
@@ -320,13 +319,13 @@ class Decoder(nnx.Module):
         x, kv = jax.lax.scan(body, x, xs)
         return (x, None, None) if cache is None else (x, *kv)
 
-    def _loop_layers(self, x, args, masks, cache, activations):
+    def _loop_layers(self, x, attn, index, masks, cache, activations):
         """The layers one by one, recording each one's activations (importance scoring)."""
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             acts = {"layer_in": x}
-            y, (k, v) = layer(x, *args[:4], kv, args[4], head_mask=_row(masks, "heads", i),
+            y, (k, v) = layer(x, *attn, kv, index, head_mask=_row(masks, "heads", i),
                               neuron_mask=_row(masks, "mlp", i),
                               hidden_mask=masks.get("hidden"), acts=acts)
             x = y if "layers" not in masks else jnp.where(masks["layers"][i], y, x)
@@ -343,6 +342,11 @@ class Decoder(nnx.Module):
         hidden, _ = self.forward(tokens, attention_mask=attention_mask, positions=positions,
                                  masks=masks, documents=documents)
         return self.unembed(hidden)
+
+
+def stack_trees(trees: list):
+    """Same-structured trees (one per layer) -> one tree of arrays stacked on a new axis 0."""
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
 
 
 def document_positions(documents):

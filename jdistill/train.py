@@ -33,7 +33,7 @@ from flax import nnx
 from jdistill import losses
 from jdistill import lora as lora_lib
 from jdistill import sharding as sharding_lib
-from jdistill.model import Decoder
+from jdistill.model import Decoder, stack_trees
 
 # supervision format -> (blend weights, normalisation); see DESIGN.md "supervision format"
 FORMATS = {
@@ -117,8 +117,7 @@ def stack_layers(params: dict) -> dict:
     per-leaf fusion is compiled on its own). The model's scanned forward stacks the layers
     anyway, so stack(unstack(x)) folds away."""
     layers = params["layers"]
-    return {**params, "layers": jax.tree_util.tree_map(
-        lambda *a: jnp.stack(a), *[layers[i] for i in sorted(layers)])}
+    return {**params, "layers": stack_trees([layers[i] for i in sorted(layers)])}
 
 
 def unstack_layers(params: dict) -> dict:
