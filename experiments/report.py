@@ -180,9 +180,9 @@ def _pm(v, se) -> str:
     return f"{v:.4f}" + (f" ± {se:.4f}" if math.isfinite(se) else "")
 
 
-def markdown(an: sd.Analysis, summary: dict, plots: list[str], *, source=None) -> str:
+def markdown(an: sd.Analysis, summary: dict, plots: list[str], *, source: str) -> str:
     """report.md: header, findings, plots, fitted parameters, extrapolation, raw rows.
-    `source`: the results file as the report names it (default: as it was loaded)."""
+    `source`: the results file as the report names it."""
     st = an.study
     t_acc, t_acc_se = st.teacher_value("in_domain_accuracy")
     t_gen, t_gen_se = st.teacher_value("general_score")
@@ -192,7 +192,7 @@ def markdown(an: sd.Analysis, summary: dict, plots: list[str], *, source=None) -
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     lines = [
         "# Compression study report", "",
-        f"- Results: `{source or st.source}` — {len(st.cells)} student cells, {len(st.teachers)} teacher "
+        f"- Results: `{source}` — {len(st.cells)} student cells, {len(st.teachers)} teacher "
         f"row(s); formats {', '.join(st.formats)}",
         f"- Task: {', '.join(tasks) or 'unknown'}; teacher: "
         + (f"`{t0.name}`, " if t0.name else "") + f"{t0.teacher_params or '?'} parameters",
