@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 from jdistill import config as config_lib
 from jdistill import sharding as sharding_lib
-from jdistill.model import Decoder
+from jdistill.model import Decoder, abstract_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -143,7 +143,7 @@ def load_pretrained(path, *, dtype=None, mesh=None) -> Decoder:
     files = _tensor_files(path)
     names = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
 
-    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(config)
     graphdef, abstract_state = nnx.split(abstract)
     entries = param_paths(abstract_state)
     expected = {hf_name(p) for p, _ in entries}

@@ -119,11 +119,14 @@ def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None):
 
 
 def _param(rngs, shape, dtype, std=0.02):
+    """A N(0, std) weight, or zeros when rngs is None (see `abstract_model`)."""
+    if rngs is None:
+        return nnx.Param(jnp.zeros(shape, dtype))
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
 
 
 class Attention(nnx.Module):
-    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs | None):
         self.config = c
         d, h, kv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         self.q_proj = _param(rngs, (d, h, hd), dtype)
@@ -167,7 +170,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs | None):
         d, f = c.hidden_size, c.intermediate_size
         self.gate_proj = _param(rngs, (d, f), dtype)
         self.up_proj = _param(rngs, (d, f), dtype)
@@ -183,7 +186,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs | None):
         self.config = c
         self.input_layernorm = nnx.Param(jnp.ones((c.hidden_size,), dtype))
         self.self_attn = Attention(c, dtype=dtype, rngs=rngs)
@@ -214,7 +217,7 @@ def _mask_channels(x, hidden_mask):
 class Decoder(nnx.Module):
     """Decoder-only LM. Parameter names follow HF's module names (see checkpoint.py)."""
 
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None):
         self.config = config
         self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), dtype)
         self.layers = nnx.List([Block(config, dtype=dtype, rngs=rngs)
@@ -379,6 +382,13 @@ def check_masks(masks, config: ModelConfig) -> dict:
 def ones_masks(config: ModelConfig) -> dict:
     """All-keep masks: the identity for the masked forward."""
     return {name: jnp.ones(shape(config), bool) for name, shape in MASK_SHAPES.items()}
+
+
+def abstract_model(config: ModelConfig, *, dtype=jnp.float32) -> Decoder:
+    """The model's structure with ShapeDtypeStruct leaves, for filling with loaded weights.
+    Built without random draws: tracing 270 of them cost ~1.7 s per load of a 30-layer model
+    (zeros trace in ~0.1 s)."""
+    return nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=None))
 
 
 def init_model(config: ModelConfig, *, dtype=jnp.float32, seed: int = 0) -> Decoder:

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from jdistill import sharding as sharding_lib
-from jdistill.model import Decoder, check_masks
+from jdistill.model import Decoder, abstract_model, check_masks
 from jdistill.pruning.masks import Dims
 
 
@@ -95,7 +95,7 @@ def slice_model(model: Decoder, masks: dict, *, mesh=None) -> Decoder:
     if "lm_head" in p:
         out["lm_head"] = _take(p["lm_head"], h, 0)
     dtype = model.dtype
-    abstract = nnx.eval_shape(lambda: Decoder(new_config, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(new_config, dtype=dtype)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, out)
     if mesh is not None:
