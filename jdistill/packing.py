@@ -12,11 +12,17 @@ boundary — so no loss position has to be masked at the seams.
 `PackedBatcher` is `data.Batcher` over packed rows: same interface, batches carry
 `documents` as well, and the batch of a step is a pure function of (examples, seq_len,
 seed, step), so a resumed run sees exactly the batches of an uninterrupted one.
+
+Batches also name their supervised positions (`supervised`: target segment not the prompt,
+-1 padded to a fixed `supervised_capacity`): a task example is mostly prompt, and the
+training loss forms the [positions, vocab] logits only where a loss term can be non-zero
+(`train.batch_loss`), a fraction of the row.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 
 import numpy as np
 
@@ -69,6 +75,39 @@ def build_row(encoded, members, seq_len: int, pad_id: int = 0) -> dict:
     return out
 
 
+def supervised_capacity(encoded, seq_len: int) -> int:
+    """The most supervised positions (target segment not PROMPT) any packed row can hold.
+
+    A row packs whole examples (each ≤ seq_len positions), so it holds at most seq_len x the
+    densest such example's supervised fraction; a longer example is cut to a row of its own
+    and holds what its first seq_len targets hold."""
+    bound = 1
+    for ids, segs in encoded:
+        positions = len(ids) - 1
+        if positions < 1:
+            continue
+        supervised = np.asarray(segs[1:seq_len + 1]) != data.PROMPT
+        if positions <= seq_len:
+            bound = max(bound, math.ceil(seq_len * supervised.sum() / positions))
+        else:
+            bound = max(bound, int(supervised.sum()))
+    return min(bound, seq_len)
+
+
+def supervised_positions(rows: dict, capacity: int) -> np.ndarray:
+    """[..., seq_len] rows -> [..., capacity] int32 supervised positions, -1 padded."""
+    keep = rows["loss_mask"] & (rows["segments"] != data.PROMPT)
+    flat = keep.reshape(-1, keep.shape[-1])
+    out = np.full((flat.shape[0], capacity), -1, np.int32)
+    for r, row in enumerate(flat):
+        at = np.flatnonzero(row)
+        if len(at) > capacity:  # supervised_capacity is a bound; this is its guard
+            raise AssertionError(f"a packed row has {len(at)} supervised positions, more "
+                                 f"than the capacity {capacity}")
+        out[r, :len(at)] = at
+    return out.reshape(keep.shape[:-1] + (capacity,))
+
+
 def packing_efficiency(encoded, rows, seq_len: int) -> float:
     """Real positions / row positions: how much of the compute is not padding."""
     real = sum(min(len(encoded[i][0]) - 1, seq_len) for row in rows for i in row)
@@ -105,6 +144,7 @@ class PackedBatcher:
         self.seed, self.accum, self.pad_id = seed, accum, pad_id
         self._epoch_start = [0]  # first stream row of epochs 0, 1, ... (known so far)
         self._rows: dict[int, list[list[int]]] = {}  # the last two epochs packed
+        self.capacity = supervised_capacity(encoded, seq_len)
 
     @property
     def rows_per_step(self) -> int:
@@ -149,5 +189,6 @@ class PackedBatcher:
         built = [build_row(self.encoded, m, self.seq_len, self.pad_id)
                  for m in self.members(step, rows)]
         n = self.batch_size if rows is None else len(rows)
-        return {key: np.stack([b[key] for b in built]).reshape(self.accum, n, self.seq_len)
-                for key in built[0]}
+        out = {key: np.stack([b[key] for b in built]).reshape(self.accum, n, self.seq_len)
+               for key in built[0]}
+        return {**out, "supervised": supervised_positions(out, self.capacity)}

@@ -176,7 +176,8 @@ def check_topk_temperature(cfg: DistillConfig):
 
 def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: DistillConfig):
     """(loss, metrics) of one micro-batch {tokens, mask, targets, segments, loss_mask [B, T],
-    optional documents [B, T] (packed rows, see `packing`), optional topk_logprobs /
+    optional documents [B, T] (packed rows, see `packing`), optional supervised [B, K]
+    (the positions whose targets a loss can see, -1 padded), optional topk_logprobs /
     topk_ids [B, T, k]} from hidden states (fused lm-head loss)."""
     if "topk_ids" in batch:  # a static check (the batch's keys), so it fails at trace time
         check_topk_temperature(cfg)
@@ -200,10 +201,24 @@ def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: Di
         h_t, _ = teacher.forward(batch["tokens"], attention_mask=batch["mask"],
                                  documents=documents)
         h_t, w_t = jax.lax.stop_gradient((h_t, teacher.unembed_weight()))
+    targets, segments, loss_mask = batch["targets"], batch["segments"], batch["loss_mask"]
+    if "supervised" in batch:
+        # only these positions can carry a loss term (prompt targets never do): the lm-head
+        # and the loss run on them alone, ~1/4 of a packed row of label examples
+        at = batch["supervised"]
+        h_s, targets, segments = (_at(x, at) for x in (h_s, targets, segments))
+        h_t = None if h_t is None else _at(h_t, at)
+        loss_mask = _at(loss_mask, at) * (at >= 0)
     return losses.fused_blended_cot_loss(
-        h_s, w_s, h_t, w_t, batch["targets"], batch["segments"], mask=batch["loss_mask"],
+        h_s, w_s, h_t, w_t, targets, segments, mask=loss_mask,
         weights=weights, temperature=cfg.temperature, kind=cfg.kind, beta=cfg.beta,
         lam=cfg.lam, normalize=normalize, chunk_size=cfg.chunk_size)
+
+
+def _at(x, positions):
+    """x [B, T, ...] at positions [B, K] (-1: any position; its loss mask is 0) -> [B, K, ...]."""
+    at = jnp.maximum(positions, 0).reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, at, axis=1)
 
 
 def make_step(s_graphdef, t_graphdef, cfg: DistillConfig):

@@ -122,3 +122,28 @@ def test_packed_batcher_explains_bad_input():
         packing.PackedBatcher([], batch_size=1, seq_len=8)
     with pytest.raises(ValueError, match="nothing to predict"):
         packing.PackedBatcher([(np.array([3]), np.array([2]))], batch_size=1, seq_len=8)
+
+
+def test_supervised_positions_are_exactly_the_supervised_targets_within_capacity():
+    # every target a loss can see (segment not PROMPT, real token) is listed, once, in row
+    # order; the capacity bounds every row of several epochs, and an over-long example
+    # (cut to a row of its own) sets the bound by what its kept targets hold
+    rng = np.random.default_rng(1)
+    enc = [(rng.integers(3, 97, n).astype(np.int32),
+            np.array([0] * (n - k) + [1] * (k // 2) + [2] * (k - k // 2), np.int32))
+           for n, k in zip(rng.integers(8, 15, 40), rng.integers(1, 4, 40))]
+    enc.append((np.arange(3, 33, dtype=np.int32), np.array([0] * 4 + [2] * 26, np.int32)))
+    b = packing.PackedBatcher(enc, batch_size=3, seq_len=16, seed=2)
+    assert b.capacity == 13  # the long example's first 16 targets: 3 prompt, 13 answer
+    short = packing.PackedBatcher(enc[:-1], batch_size=3, seq_len=16, seed=2)
+    dens = max(np.sum(s[1:] != 0) / (len(i) - 1) for i, s in enc[:-1])
+    assert short.capacity == int(np.ceil(16 * dens)) < 16
+    for batcher in (b, short):
+        for step in range(30):
+            batch = batcher.batch(step)
+            for row in range(3):
+                at = batch["supervised"][0, row]
+                want = np.flatnonzero(batch["loss_mask"][0, row]
+                                      & (batch["segments"][0, row] != 0))
+                np.testing.assert_array_equal(at[:len(want)], want)
+                assert (at[len(want):] == -1).all()
