@@ -66,8 +66,9 @@ def _generate(graphdef, state, tokens, attention_mask, rng, max_new_tokens, temp
     b, t = tokens.shape
     cache = KVCache.create(model.config, b, t + max_new_tokens, model.dtype)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    layers = model.stacked_layers()  # once, not in every step of the loop
     hidden, cache = model.forward(tokens, attention_mask=attention_mask, positions=positions,
-                                  cache=cache)
+                                  cache=cache, layers=layers)
     logits = model.unembed(hidden[:, -1])
     eos_ids = jnp.array(eos, jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
@@ -84,7 +85,8 @@ def _generate(graphdef, state, tokens, attention_mask, rng, max_new_tokens, temp
         out = out.at[:, step].set(token)
         done = done | jnp.isin(token, eos_ids)
         pos = pos + 1
-        hidden, cache = model.forward(token[:, None], positions=pos[:, None], cache=cache)
+        hidden, cache = model.forward(token[:, None], positions=pos[:, None], cache=cache,
+                                      layers=layers)
         return step + 1, cache, model.unembed(hidden[:, -1]), pos, done, rng, out
 
     carry = (jnp.zeros((), jnp.int32), cache, logits, positions[:, -1], jnp.zeros(b, bool),
