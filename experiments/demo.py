@@ -27,11 +27,21 @@ flags.FLAGS.set_default("original_teacher", False)  # a minute the 20-minute bud
 N_BOOT = flags.DEFINE_integer("n_boot", 200, "bootstrap resamples of the law fits")
 
 
-def run_main(module: str, *args: str) -> None:
-    """Runs another main as its own process (its flags are its own), failing loudly."""
-    cmd = [sys.executable, "-m", module, *args]
-    print(f"[demo] {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True)
+def run_mains(*mains: tuple) -> None:
+    """Runs other mains, each as its own process (its flags are its own), side by side (the
+    report and the plan each fit the laws on one core), then prints their output in order;
+    fails loudly if any failed."""
+    cmds = [[sys.executable, "-m", *m] for m in mains]
+    procs = []
+    for cmd in cmds:
+        print(f"[demo] {' '.join(cmd)}", flush=True)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate()[0] for p in procs]
+    for cmd, p, output in zip(cmds, procs, outputs):
+        print(output, end="", flush=True)
+        if p.returncode:
+            raise subprocess.CalledProcessError(p.returncode, cmd, output)
 
 
 def main(argv):
@@ -43,11 +53,11 @@ def main(argv):
     out = Path(sweep_main.OUT.value)
     results, n = sweep.merge_rows(out)
     print(f"[demo] {n} rows in {results}; fitting laws and writing the report")
-    run_main("experiments.report", f"--results={results}", f"--out={out / 'report'}",
-             f"--n_boot={N_BOOT.value}")
-    run_main("experiments.plan", f"--results={results}", "--min_in_domain_rel=0.95",
-             "--max_general_drop=0.10", f"--n_boot={N_BOOT.value}",
-             f"--out={out / 'report' / 'plan.json'}")
+    run_mains(("experiments.report", f"--results={results}", f"--out={out / 'report'}",
+               f"--n_boot={N_BOOT.value}"),
+              ("experiments.plan", f"--results={results}", "--min_in_domain_rel=0.95",
+               "--max_general_drop=0.10", f"--n_boot={N_BOOT.value}",
+               f"--out={out / 'report' / 'plan.json'}"))
     print(f"[demo] done in {sweep_main.fmt_time(time.perf_counter() - start)}; report: "
           f"{out / 'report' / 'report.md'}")
 
