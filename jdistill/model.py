@@ -101,8 +101,9 @@ def apply_rope(x, cos, sin):
 
 def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None):
     """Causal GQA attention. q [B,T,H,hd], k/v [B,S,KV,hd], q_slots [T], k_slots [S],
-    k_valid [B,S] (or [B,T,S] when queries differ in which keys they may see: packing). Scores and softmax in f32; masked with a finite minimum so rows with no
-    valid key (padding queries) give a harmless uniform average instead of NaN."""
+    k_valid [B,S] (or [B,T,S] when queries differ in which keys they may see: packing).
+    Scores and softmax in f32; masked with a finite minimum so rows with no valid key
+    (padding queries) give a harmless uniform average instead of NaN."""
     b, t, h, hd = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, hd)
@@ -258,8 +259,8 @@ class Decoder(nnx.Module):
         (residual stream around the layer), attn_norm / mlp_norm [B,T,D] (RMSNorm outputs),
         heads [B,T,H,hd] (input of o_proj), mlp_act [B,T,F] (input of down_proj).
         `layers`: `self.stacked_layers()`, computed once by a caller that runs many
-        forwards of one model (decoding, batches of an evaluation); by default every call
-        stacks them.
+        forwards of one model inside one jitted function (the decode loop of `generate`);
+        by default every call stacks them.
         """
         c = self.config
         b, t = tokens.shape
@@ -304,9 +305,9 @@ class Decoder(nnx.Module):
         x = rms_norm(x, self.norm[...], c.rms_norm_eps, masks.get("hidden"))
         if cache is not None:
             at = (0, 0, index, 0, 0)  # [L, B, S, KV, hd]: this call's slots, every layer
-            cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), at),
-                            v=jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), at),
-                            valid=cache_valid, index=index + t)
+            k = jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), at)
+            v = jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), at)
+            cache = KVCache(k=k, v=v, valid=cache_valid, index=index + t)
         return x, cache
 
     def stacked_layers(self):
