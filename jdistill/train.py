@@ -467,6 +467,8 @@ def _tensorboard(logdir: Path):
 def _append_metrics(path: Path, row: dict):
     if jax.process_index() != 0:
         return
+    # nothing else need create the workdir: no checkpoints, no tensorboardX
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 

@@ -100,6 +100,18 @@ def _tensorboard_scalars(logdir, tag):
     return values
 
 
+def test_a_run_without_checkpoints_or_tensorboard_creates_its_workdir(models, tmp_path,
+                                                                      monkeypatch):
+    # the README's install has no tensorboardX, and short runs write no checkpoints: the
+    # metrics file still needs its directory (a fresh-install demo failed here)
+    monkeypatch.setattr(train, "_tensorboard", lambda logdir: None)
+    workdir = tmp_path / "not" / "yet"
+    _run(models, train.DistillConfig(steps=2, format="label"), workdir, checkpoint_every=0)
+    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert not (workdir / "checkpoints").exists()
+
+
 def test_gradient_accumulation_equals_one_big_batch(models, tmp_path):
     # accumulation averages micro-batch losses; with equal token counts per micro-batch that
     # is exactly the big batch's loss
