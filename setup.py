@@ -20,6 +20,7 @@ setup(
         "safetensors",
         "tokenizers",
         "transformers>=4.45",
+        "jinja2",  # transformers' apply_chat_template (the teacher's CoT prompts) needs it
         "datasets",
         "gguf",
     ],
