@@ -7,25 +7,28 @@ setup(
                 "NNX, with fitted scaling laws",
     python_requires=">=3.10",
     packages=find_packages(include=["jdistill", "jdistill.*", "experiments"]),
+    # the data sets the mains, demo and tests read (jdistill/shipped_data/MANIFEST.md)
+    package_data={"jdistill": ["shipped_data/*.md", "shipped_data/**/*"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",
         "optax",
         "orbax-checkpoint",
-        "chex",
         "absl-py",
         "numpy",
+        "ml_dtypes",  # bfloat16 tensors in safetensors / GGUF files
         "scipy",
         "matplotlib",
         "safetensors",
         "tokenizers",
         "transformers>=4.45",
         "jinja2",  # transformers' apply_chat_template (the teacher's CoT prompts) needs it
-        "datasets",
+        "datasets",  # tasks given as hub names or save_to_disk folders
+        "pyarrow",  # parquet task files
         "gguf",
     ],
     extras_require={
         # torch is only the reference implementation the tests compare against.
-        "test": ["torch==2.13.0", "accelerate", "tensorboardX", "pytest", "pytest-xdist"],
+        "test": ["torch==2.13.0", "accelerate", "tensorboardX", "chex", "pytest", "pytest-xdist"],
     },
 )

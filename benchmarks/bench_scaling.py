@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jdistill import data as data_lib  # noqa: E402
 from jdistill import scaling as sc  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scaling"
+DATA = data_lib.data_root() / "scaling"
 
 
 def timed(fn, repeats):

@@ -66,7 +66,7 @@ def label_names_flag(value):
 
 def corpus_path(name):
     p = Path(name)
-    return p if p.exists() else evaluate.CORPUS_ROOT / name
+    return p if p.exists() else data.data_file(f"corpus/{name}")
 
 
 def in_domain(model, tokenizer, mesh, out_dir):

@@ -1,14 +1,81 @@
-"""Text in, token batches out: tokenizers, plain-text and tabular readers, calibration batches."""
+"""Text in, token batches out: the shipped data, tokenizers, plain-text and tabular readers,
+calibration batches."""
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
+import io
 import json
+import lzma
+import os
 from pathlib import Path
 
 import numpy as np
 
 TEXT_COLUMNS = ("text", "headline")
+DATA_ENV = "JDISTILL_DATA"  # another copy of the shipped data (same layout)
+COMPRESSED = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+
+
+# ------------------------------------------------------------------ the shipped data
+
+
+def data_root() -> Path:
+    """The data folder installed with the package (shipped_data/, see its MANIFEST.md), or
+    $JDISTILL_DATA. Read at every call, never from the working directory."""
+    env = os.environ.get(DATA_ENV)
+    root = Path(env).expanduser() if env else Path(__file__).resolve().parent / "shipped_data"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{DATA_ENV}={env} is not a directory; point it at a copy of the shipped data or "
+            "unset it" if env else f"the shipped data folder {root} is missing; reinstall "
+            "jdistill (pip install -e .)")
+    return root
+
+
+def find_file(folder, name: str) -> Path:
+    """`folder/name` as stored: the file itself or `name` + .xz / .gz / .bz2."""
+    folder = Path(folder)
+    for suffix in ("", *COMPRESSED):
+        path = folder / (name + suffix)
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"data file {folder / name} does not exist (nor compressed: "
+                            f"{', '.join(COMPRESSED)})")
+
+
+def data_file(name: str) -> Path:
+    """A shipped data file by its path inside the data folder, e.g.
+    'finance/reuters21578/reuters21578_titles_topics.csv' (stored compressed or not)."""
+    return find_file(data_root(), name)
+
+
+def format_suffix(path) -> str:
+    """The file format's suffix, a compression suffix removed: 'a.csv.xz' -> '.csv'."""
+    path = Path(path)
+    if path.suffix.lower() in COMPRESSED:
+        path = path.with_suffix("")
+    return path.suffix.lower()
+
+
+def open_text(path, newline: str | None = None):
+    """A UTF-8 text file handle, decompressing by suffix (newline="" for csv)."""
+    path = Path(path)
+    opener = COMPRESSED.get(path.suffix.lower())
+    if opener is None:
+        return path.open(newline=newline, encoding="utf-8")
+    return io.TextIOWrapper(opener(path, "rb"), encoding="utf-8", newline=newline)
+
+
+def read_text(path) -> str:
+    """A whole text file (decompressed by suffix)."""
+    with open_text(path) as f:
+        return f.read()
+
+
+# ------------------------------------------------------------------ tokenizers and readers
 
 
 def load_tokenizer(model_dir, tokenizer_dir=None):
@@ -30,8 +97,8 @@ def read_texts(path, text_column: str | None = None) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
-    if path.suffix.lower() == ".txt":
-        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+    if format_suffix(path) == ".txt":
+        paragraphs = [p.strip() for p in read_text(path).split("\n\n")]
         texts = [p for p in paragraphs if p]
     else:
         rows = read_rows(path)
@@ -49,13 +116,13 @@ def read_texts(path, text_column: str | None = None) -> list[str]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8") as f:
+    with open_text(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -66,7 +133,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _read_json(path: Path) -> list[dict]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(read_text(path))
     return data if isinstance(data, list) else [data]
 
 
@@ -85,9 +152,10 @@ def read_rows(path) -> list[dict]:
     """All rows of a .csv / .jsonl / .json / .parquet file as dicts (the one tabular reader:
     task files, supervision records and text columns all come through here)."""
     path = Path(path)
-    reader = READERS.get(path.suffix.lower())
+    reader = READERS.get(format_suffix(path))
     if reader is None:
-        raise ValueError(f"unsupported data file {path}: use one of {sorted(READERS)}")
+        raise ValueError(f"unsupported data file {path}: use one of {sorted(READERS)} "
+                         f"(optionally compressed: {', '.join(COMPRESSED)})")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     return reader(path)

@@ -22,7 +22,6 @@ text without the leading space); standard errors are `mean_stderr` (sample std, 
 
 from __future__ import annotations
 
-import bz2
 import csv
 import dataclasses
 import functools
@@ -38,13 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill import losses, results
+from jdistill import data, losses, results
 from jdistill import sharding as sharding_lib
 from jdistill import tasks as tasks_lib
 from jdistill.model import KVCache
 
-GENERAL_ROOT = tasks_lib.DATA_ROOT / "general"
-CORPUS_ROOT = tasks_lib.DATA_ROOT / "corpus"
 CTX_BUCKET = 32  # contexts pad to multiples of this many tokens
 CONT_BUCKET = 16  # packed continuations likewise
 LOGIT_CHUNK = 1024  # tokens whose logits exist at once ([chunk, V] f32)
@@ -379,15 +376,15 @@ class MCItem:
     gold: int
 
 
-def _jsonl(path):
-    return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines()
+def _jsonl(root, name):
+    return [json.loads(x) for x in data.read_text(data.find_file(root, name)).splitlines()
             if x.strip()]
 
 
 def _arc(root, name):
     """Harness arc_easy / arc_challenge: 'Question: {q}\\nAnswer:', ' {choice}'."""
     items = []
-    for d in _jsonl(root / f"arc/ARC-{name}-Test.jsonl"):
+    for d in _jsonl(root, f"arc/ARC-{name}-Test.jsonl"):
         labels = [c["label"] for c in d["question"]["choices"]]
         items.append(MCItem(f"Question: {d['question']['stem']}\nAnswer:",
                             tuple(c["text"] for c in d["question"]["choices"]),
@@ -415,8 +412,7 @@ def _capitalize_last_sentence(ctx: str) -> str:
 def _hellaswag(root):
     """Harness hellaswag: query = preprocess(activity_label + ': ' + ctx), choices =
     preprocess(ending). The file has 6 lines per item: 'label: context', gold, 4 endings."""
-    lines = bz2.open(root / "hellaswag/hellaswag_val_full.txt.bz2", "rt",
-                     encoding="utf-8").read().split("\n")
+    lines = data.read_text(data.find_file(root, "hellaswag/hellaswag_val_full.txt")).split("\n")
     items = []
     for i in range(0, len(lines) - 5, 6):
         head, gold, endings = lines[i], int(lines[i + 1]), lines[i + 2:i + 6]
@@ -427,8 +423,8 @@ def _hellaswag(root):
 
 def _piqa(root):
     """Harness piqa: 'Question: {goal}\\nAnswer:', choices sol1 / sol2."""
-    labels = (root / "piqa/valid-labels.lst").read_text().split()
-    docs = _jsonl(root / "piqa/valid.jsonl")
+    labels = data.read_text(data.find_file(root, "piqa/valid-labels.lst")).split()
+    docs = _jsonl(root, "piqa/valid.jsonl")
     if len(labels) != len(docs):
         raise ValueError(f"{root / 'piqa'}: {len(docs)} items but {len(labels)} labels")
     return [MCItem(f"Question: {d['goal']}\nAnswer:", (d["sol1"], d["sol2"]), int(y))
@@ -439,7 +435,7 @@ def _boolq(root):
     """Harness boolq (super_glue): '{passage}\\nQuestion: {question}?\\nAnswer:', ' no' / ' yes'."""
     return [MCItem(f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ("no", "yes"),
                    int(str(d["answer"]).strip().lower() == "true"))
-            for d in _jsonl(root / "boolq/dev.jsonl")]
+            for d in _jsonl(root, "boolq/dev.jsonl")]
 
 
 def split_options(question: str, options: str) -> tuple[str, list[str], list[str]]:
@@ -468,7 +464,7 @@ def split_options(question: str, options: str) -> tuple[str, list[str], list[str
 def _openbookqa(root):
     """Harness openbookqa: context = question_stem, choices = the option texts."""
     items = []
-    for d in _jsonl(root / "openbookqa/test.jsonl"):
+    for d in _jsonl(root, "openbookqa/test.jsonl"):
         q, letters, texts = split_options(d["question"], d["options"])
         items.append(MCItem(q, tuple(texts), letters.index(d["answer"].strip()[0])))
     return items
@@ -477,7 +473,7 @@ def _openbookqa(root):
 def _commonsense_qa(root):
     """Harness commonsense_qa: 'Question: {q}\\nA. ..\\n...E. ..\\nAnswer:', ' A' .. ' E'."""
     items = []
-    for d in _jsonl(root / "commonsenseqa/validation.jsonl"):
+    for d in _jsonl(root, "commonsenseqa/validation.jsonl"):
         q, letters, texts = split_options(d["question"], d["options"])
         body = "\n".join(f"{k}. {t}" for k, t in zip(letters, texts))
         items.append(MCItem(f"Question: {q}\n{body}\nAnswer:", tuple(letters),
@@ -486,9 +482,9 @@ def _commonsense_qa(root):
 
 
 def _mmlu_rows(root):
-    for path in sorted((root / "mmlu/test").glob("*_test.csv")):
-        subject = path.name[:-len("_test.csv")].replace("_", " ")
-        with path.open(newline="", encoding="utf-8") as f:
+    for path in sorted((root / "mmlu/test").glob("*_test.csv*")):  # some are .csv.xz
+        subject = path.name[:path.name.index("_test.csv")].replace("_", " ")
+        with data.open_text(path, newline="") as f:
             for row in csv.DictReader(f):
                 yield subject, row
 
@@ -530,11 +526,12 @@ BENCHMARKS = {
 
 
 def load_benchmark(name: str, *, limit: int | None = None, seed: int = 0,
-                   root=GENERAL_ROOT) -> list[MCItem]:
-    """A benchmark's items; with `limit`, a fixed seeded subset (kept in file order)."""
+                   root=None) -> list[MCItem]:
+    """A benchmark's items (from `root`, default the shipped general/ folder); with `limit`,
+    a fixed seeded subset (kept in file order)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; use one of {sorted(BENCHMARKS)}")
-    items = BENCHMARKS[name](Path(root))
+    items = BENCHMARKS[name](Path(root) if root is not None else data.data_root() / "general")
     if limit is not None and limit < len(items):
         keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:limit])
         items = [items[i] for i in keep]
@@ -560,7 +557,7 @@ def evaluate_mc(model, tokenizer, items: list[MCItem], *, batch_size: int = 8, m
 def held_out_text(path, fraction: float = 0.1) -> str:
     """The last `fraction` of a text file, starting at a line boundary (the first 90% is
     free for calibration / training)."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = data.read_text(path)
     cut = int(len(text) * (1 - fraction))
     nl = text.find("\n", cut)
     return text[nl + 1 if nl >= 0 else cut:]

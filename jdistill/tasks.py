@@ -32,9 +32,7 @@ import numpy as np
 
 # the tabular readers live in data (one reader for every file); tasks.read_rows stays public
 from jdistill import results
-from jdistill.data import READERS, TEXT_COLUMNS, read_rows  # noqa: F401
-
-DATA_ROOT = Path("/work/shared/data")  # the shipped data (see its MANIFEST.md)
+from jdistill.data import READERS, TEXT_COLUMNS, data_file, format_suffix, read_rows  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,25 +117,25 @@ REUTERS_LABELS = (
     "orange", "retail", "pet-chem", "gas", "livestock", "housing", "strategic-metal")
 
 
-def twitter_topics(root=DATA_ROOT) -> TaskSpec:
-    """Twitter financial news topics, 20 classes (the default in-domain task).
+def twitter_topics() -> TaskSpec:
+    """Twitter financial news topics, 20 classes (the default in-domain task; shipped).
 
     "test" is the published validation file (the data set has no other held-out split).
     """
-    d = Path(root) / "finance/twitter_financial_news_topic"
+    d = "finance/twitter_financial_news_topic/"
     return TaskSpec(
         name="twitter_topics",
-        splits={"train": SplitFile(str(d / "topic_train.csv")),
-                "test": SplitFile(str(d / "topic_valid.csv"))},
+        splits={"train": SplitFile(str(data_file(d + "topic_train.csv"))),
+                "test": SplitFile(str(data_file(d + "topic_valid.csv")))},
         label_names=TWITTER_LABELS, text_field="text",
         template="Classify the topic of this financial news tweet.\nTweet: {text}\nTopic:",
         description="zeroshot/twitter-financial-news-topic: 16,990 train / 4,117 test tweets")
 
 
-def reuters35(root=DATA_ROOT) -> TaskSpec:
+def reuters35() -> TaskSpec:
     """Reuters-21578 headlines, ModApte split, single-topic, 35 most frequent topics
-    (6,415 train / 2,505 test). Labels are the Reuters topic codes (e.g. 'acq')."""
-    f = str(Path(root) / "finance/reuters21578/reuters21578_titles_topics.csv")
+    (6,415 train / 2,505 test; shipped). Labels are the Reuters topic codes (e.g. 'acq')."""
+    f = str(data_file("finance/reuters21578/reuters21578_titles_topics.csv"))
     return TaskSpec(
         name="reuters35",
         splits={s: SplitFile(f, (("topics_attr", "YES"), ("lewissplit", s.upper())))
@@ -156,7 +154,7 @@ def get_task(name_or_path: str, *, split: str = "test", label_names=None) -> Tas
     """A shipped task by name, or `task_from_file` for a path to a data file."""
     if name_or_path in TASKS:
         return TASKS[name_or_path]()
-    if Path(name_or_path).suffix.lower() in READERS:
+    if format_suffix(name_or_path) in READERS:
         return task_from_file(name_or_path, label_names, split=split)
     raise ValueError(f"unknown task {name_or_path!r}: use one of {sorted(TASKS)} or a path to "
                      f"a labelled {'/'.join(READERS)} file")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jdistill import data as data_lib
 from jdistill import scaling as sc
 
 REPO = Path(__file__).resolve().parents[1]
-CHIN = REPO.parent / "shared" / "data" / "scaling" / "chinchilla_epoch_svg_extracted.csv"
+CHIN = data_lib.data_file("scaling/chinchilla_epoch_svg_extracted.csv")  # shipped
 
 
 def run_main(args, expect_ok=True):
@@ -31,7 +32,6 @@ def _png_ok(path):
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-@pytest.mark.skipif(not CHIN.exists(), reason=f"reference data not found: {CHIN}")
 def test_chinchilla_preset_end_to_end(tmp_path):
     out = tmp_path / "chin"
     on_disk, proc = run_main([f"--data={CHIN}", "--preset=chinchilla_epoch",

@@ -1,4 +1,4 @@
-"""Tests for jdistill.scaling against published fits (see shared/data/scaling/MANIFEST.md).
+"""Tests for jdistill.scaling against published fits (see jdistill/shipped_data/scaling/MANIFEST.md).
 
 Published numbers below are copied from the MANIFEST (Besiroglu et al. 2024 for
 Chinchilla; Frantar et al. 2024 / jaxpruner for T5), never from this code's output.
@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 from scipy import integrate
 
+from jdistill import data as data_lib
 from jdistill import scaling as sc
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scaling"
-CHIN = DATA / "chinchilla_epoch_svg_extracted.csv"
-T5 = DATA / "sparsity_t5.csv"
-needs_data = pytest.mark.skipif(not CHIN.exists() or not T5.exists(),
-                                reason=f"reference data not found under {DATA}")
+# the shipped reference data: these tests always run (a missing file is a failure)
+CHIN = data_lib.data_file("scaling/chinchilla_epoch_svg_extracted.csv")
+T5 = data_lib.data_file("scaling/sparsity_t5.csv")
 
 # Besiroglu et al. 2024, grid + L-BFGS-B on the summed Huber objective.
 EPOCH = {"A": 477.84, "B": 2143.86, "E": 1.8172, "alpha": 0.34731, "beta": 0.36718}
@@ -36,16 +35,12 @@ T5_MEASURED = 1.48278
 
 @pytest.fixture(scope="module")
 def chin():
-    if not CHIN.exists():
-        pytest.skip(f"{CHIN} missing")
     x, y = sc.load_chinchilla_epoch(CHIN)
     return x, y, sc.fit(sc.LAWS["chinchilla"], x, y)
 
 
 @pytest.fixture(scope="module")
 def t5():
-    if not T5.exists():
-        pytest.skip(f"{T5} missing")
     x, y = sc.load_frantar_t5(T5)
     return x, y, sc.fit(sc.LAWS["frantar_sparsity"], x, y)
 
@@ -57,14 +52,12 @@ def overlaps(a, b):
 # --- Chinchilla (Epoch replication) --------------------------------------------------------
 
 
-@needs_data
 def test_chinchilla_preprocessing_matches_epoch(chin):
     x, y, _ = chin
     assert y.size == 240  # 245 rows minus the 5 highest-loss rows
     assert np.all(x["D"] > 1e8) and np.all(x["N"] > 1e7)
 
 
-@needs_data
 def test_chinchilla_recovers_epoch_estimates(chin):
     _, _, res = chin
     p = res.params
@@ -76,7 +69,6 @@ def test_chinchilla_recovers_epoch_estimates(chin):
     assert res.converged
 
 
-@needs_data
 def test_chinchilla_bootstrap_overlaps_epoch_intervals(chin):
     x, y, res = chin
     iv = sc.bootstrap(res, x, y, n_boot=150, seed=0).intervals()
@@ -88,7 +80,6 @@ def test_chinchilla_bootstrap_overlaps_epoch_intervals(chin):
     assert iv["a_opt"][0] < a < iv["a_opt"][1]
 
 
-@needs_data
 @pytest.mark.slow
 def test_chinchilla_full_bootstrap_overlaps_epoch_intervals(chin):
     x, y, res = chin
@@ -97,7 +88,6 @@ def test_chinchilla_full_bootstrap_overlaps_epoch_intervals(chin):
         assert overlaps(iv[k], ci), (k, iv[k], ci)
 
 
-@needs_data
 @pytest.mark.slow
 def test_chinchilla_refine_all_starts_agrees_with_top_k(chin):
     x, y, res = chin
@@ -107,7 +97,6 @@ def test_chinchilla_refine_all_starts_agrees_with_top_k(chin):
         assert full.params[k] == pytest.approx(res.params[k], rel=1e-3)
 
 
-@needs_data
 def test_chinchilla_mean_reduced_huber_stalls_with_default_tolerances(chin):
     # The MANIFEST's warning, checked: from the best grid start, scipy's L-BFGS-B with its
     # default (absolute) tolerances reaches Epoch's optimum on the summed Huber but stops
@@ -132,7 +121,6 @@ def test_chinchilla_mean_reduced_huber_stalls_with_default_tolerances(chin):
 # --- Frantar et al. T5 sparsity --------------------------------------------------------------
 
 
-@needs_data
 def test_t5_published_coefficients_give_published_prediction():
     law = sc.LAWS["frantar_sparsity"]
     pred = sc.predict(law, T5_PUB, T5_HELD_OUT)[0]
@@ -140,7 +128,6 @@ def test_t5_published_coefficients_give_published_prediction():
     assert pred == pytest.approx(T5_PUB_PRED, rel=0.005)
 
 
-@needs_data
 def test_t5_fit_predicts_held_out_point(t5):
     x, y, res = t5
     law = sc.LAWS["frantar_sparsity"]
@@ -155,14 +142,12 @@ def test_t5_fit_predicts_held_out_point(t5):
     assert np.max(np.abs(sc.predict(law, res.theta, x) / sc.predict(law, T5_PUB, x) - 1)) < 0.02
 
 
-@needs_data
 def test_t5_bootstrap_band_contains_published_prediction(t5):
     x, y, res = t5
     lo, hi = sc.bootstrap(res, x, y, n_boot=100, seed=0).predict_interval(T5_HELD_OUT)
     assert lo[0] < T5_PUB_PRED < hi[0]
 
 
-@needs_data
 def test_t5_notebook_recipe_reproduces_published_prediction(t5):
     """The published fit is the reference notebook's BFGS early stop (seed 1, mean Huber):
     rerun verbatim, it predicts the published 1.471 within 1%; our converged fit gets a
@@ -174,7 +159,6 @@ def test_t5_notebook_recipe_reproduces_published_prediction(t5):
     assert res.objective < 0.8 * nb.objective
 
 
-@needs_data
 def test_t5_random_starts_recipe_reaches_same_optimum(t5):
     # MANIFEST recipe: 25 uniform(0, 1) random starts; all starts must be refined.
     x, y, res = t5
@@ -183,11 +167,10 @@ def test_t5_random_starts_recipe_reaches_same_optimum(t5):
     assert rnd.objective == pytest.approx(res.objective, rel=1e-6)
 
 
-VIT = DATA / "sparsity_vit.json"
+VIT = data_lib.data_file("scaling/sparsity_vit.json")
 VIT_PUB = np.array([1.30485, 0.82101, 2.07506, 0.39223, 0.27818, 0.88979, 4.51669])
 
 
-@pytest.mark.skipif(not VIT.exists(), reason=f"{VIT} missing")
 def test_vit_recovers_published_coefficients():
     # Notebook recipe: linear residuals, delta = 0.01 (summed here; same minimiser).
     x, y = sc.load_frantar_vit(VIT)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -66,10 +67,8 @@ def _flat(model):
 
 
 def _assert_params_close(a, b, atol):
-    fa, fb = _flat(a), _flat(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_allclose(fa[k], fb[k], atol=atol, rtol=0, err_msg=k)
+    # chex names the first differing leaf by its path and checks the tree structures match
+    chex.assert_trees_all_close(_flat(a), _flat(b), atol=atol, rtol=0)
 
 
 def test_loss_falls_and_progress_is_logged(models, tmp_path):
@@ -285,10 +284,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(models, tmp_path):
     resumed = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stdout + resumed.stderr
-    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    chex.assert_trees_all_equal(_weights(tmp_path / "whole"), _weights(tmp_path / "cut"))
 
     row, = [json.loads(x) for x in (tmp_path / "cut.run" / "results.jsonl").read_text().splitlines()]
     assert row["resumed_from"] > 0 and row["supervision_format"] == "blended"
