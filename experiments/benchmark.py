@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import cli
+
 DIM_KEYS = ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "head_dim", "tie")
 
 # Llama dims per preset; `tie` 1 ties the lm head to the embedding (as SmolLM2 does).
@@ -454,4 +456,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

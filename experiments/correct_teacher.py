@@ -15,9 +15,10 @@ import json
 from pathlib import Path
 
 import jax
-from absl import app, flags
+from absl import flags
 
 import jdistill
+from experiments import cli
 from experiments import flags as common
 from jdistill import data, packing, results, supervision, train
 from jdistill.pruning import report
@@ -52,7 +53,7 @@ def main(argv):
     if teacher_dir.suffix.lower() == ".gguf":
         from jdistill import gguf
         teacher_dir = gguf.cached_import(teacher_dir)
-    out = Path(OUT.value)
+    out = cli.output_dir(OUT.value)
     settings = {"format": FORMAT.value, "steps": STEPS.value, "batch_size": BATCH_SIZE.value,
                 "seq_len": SEQ_LEN.value, "learning_rate": LEARNING_RATE.value,
                 "warmup_steps": WARMUP.value, "lora_rank": LORA_RANK.value, "seed": SEED.value,
@@ -86,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

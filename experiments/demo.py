@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import flags
 
-from experiments import flags as common
+from experiments import cli
 from experiments import sweep as sweep_main
 from jdistill import sweep
 
@@ -63,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli.run(main)

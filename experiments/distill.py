@@ -21,6 +21,7 @@ import jax
 from absl import app, flags
 
 import jdistill
+from experiments import cli
 from experiments import flags as common
 from jdistill import data, losses, packing, results, supervision, train
 from jdistill.config import load_hf_config
@@ -96,8 +97,8 @@ def make_batcher(encoded, config, seed):
 
 def main(argv):
     del argv
+    out = cli.output_dir(OUT.value)
     mesh = common.setup()
-    out = Path(OUT.value)
     workdir = Path(WORKDIR.value or f"{out}.run")
     cfg = train.DistillConfig(
         steps=STEPS.value, format=FORMAT.value, kind=LOSS.value, temperature=TEMPERATURE.value,
@@ -196,4 +197,4 @@ def results_row(cfg, result, student_params: int, teacher_params, n_records: int
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli.run(main)

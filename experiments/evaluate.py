@@ -5,9 +5,10 @@
 
 Appends one results row to OUT/results.jsonl and writes, for the in-domain task,
 OUT/confusion_{task}_{split}.{json,npy,png} and OUT/predictions_{task}_{split}.jsonl.
---task takes a shipped task name or a labelled .csv/.jsonl/.json/.parquet file (a `text`
-or `headline` column and a `label` column; --label_names when labels are integers);
---task= (empty) skips the in-domain part.
+--task takes a shipped task name, a labelled .csv/.jsonl/.json/.parquet file (a `text`
+or `headline` column and a `label` column; --label_names when labels are integers), or a
+Hugging Face data set (hub name, e.g. nvidia/FinHeadlineMix, or a save_to_disk folder;
+--split names its split); --task= (empty) skips the in-domain part.
 """
 
 import json
@@ -19,6 +20,7 @@ import jax
 from absl import app, flags
 
 import jdistill
+from experiments import cli
 from experiments import flags as common
 from jdistill import data, evaluate, results, sharding, tasks
 
@@ -27,7 +29,8 @@ TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer directory if --mod
 DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "parameter dtype")
 TASK = flags.DEFINE_string("task", tasks.DEFAULT_TASK,
                            f"in-domain task: one of {sorted(tasks.TASKS)}, a labelled data "
-                           "file, or empty to skip")
+                           "file, a Hugging Face hub name or save_to_disk folder, or empty "
+                           "to skip")
 SPLIT = flags.DEFINE_string("split", "test", "split of --task to evaluate")
 LABEL_NAMES = flags.DEFINE_string("label_names", None, "for a --task file with integer "
                                   "labels: a file with one class name a line, or a comma list")
@@ -69,40 +72,47 @@ def corpus_path(name):
     return p if p.exists() else data.data_file(f"corpus/{name}")
 
 
-def in_domain(model, tokenizer, mesh, out_dir):
+def in_domain_inputs():
+    """(task, examples) of --task / --split (read before any model work: bad input fails
+    before anything is computed or written)."""
     task = tasks.get_task(TASK.value, split=SPLIT.value,
                           label_names=label_names_flag(LABEL_NAMES.value))
     examples = tasks.load_split(task, SPLIT.value)
     if LIMIT.value is not None and LIMIT.value < len(examples):
         examples = tasks.subsample(examples, LIMIT.value, SEED.value)
+    return task, examples
+
+
+def in_domain(model, tokenizer, mesh, task, examples):
+    """-> (metrics r, predictions, generated outputs or None)."""
     desc = f"{task.name}/{SPLIT.value}"
-    texts = [t for t, _ in examples]
-    labels = [y for _, y in examples]
     if MODE.value == "loglik":
         r = evaluate.evaluate_classification(model, tokenizer, task, examples,
                                              batch_size=BATCH_SIZE.value, mesh=mesh,
                                              max_length=MAX_LENGTH.value, progress=desc)
-        preds, outputs = r["predictions"].tolist(), None
-    else:
-        gen = evaluate.generate_and_parse(model, tokenizer, task, texts,
-                                          max_new_tokens=MAX_NEW_TOKENS.value,
-                                          batch_size=BATCH_SIZE.value, progress=desc)
-        outputs = [g for g, _ in gen]
-        preds = [-1 if p is None else p for _, p in gen]
-        r = {**evaluate.classification_metrics(labels, preds),
-             "confusion": evaluate.confusion_matrix(labels, preds, task.num_classes)}
+        return r, r["predictions"].tolist(), None
+    gen = evaluate.generate_and_parse(model, tokenizer, task, [t for t, _ in examples],
+                                      max_new_tokens=MAX_NEW_TOKENS.value,
+                                      batch_size=BATCH_SIZE.value, progress=desc)
+    labels = [y for _, y in examples]
+    preds = [-1 if p is None else p for _, p in gen]
+    r = {**evaluate.classification_metrics(labels, preds),
+         "confusion": evaluate.confusion_matrix(labels, preds, task.num_classes)}
+    return r, preds, [g for g, _ in gen]
+
+
+def write_in_domain(out_dir, task, examples, r, preds, outputs) -> dict:
+    """The confusion matrix and per-example predictions; returns their paths."""
     stem = f"{task.name}_{SPLIT.value}"
-    if not sharding.is_writer():  # every process computed the same metrics; one writes
-        return _metrics(r), _info(task, examples), {}
     paths = evaluate.save_confusion(r["confusion"], task.label_names, out_dir,
                                     f"confusion_{stem}")
     lines = [json.dumps({"text": t, "label": task.label_names[y],
                          "pred": task.label_names[p] if p >= 0 else None,
                          **({"output": outputs[i]} if outputs else {})}, ensure_ascii=False)
-             for i, (t, y, p) in enumerate(zip(texts, labels, preds))]
+             for i, ((t, y), p) in enumerate(zip(examples, preds))]
     paths["predictions"] = str(evaluate.atomic_write(
         Path(out_dir) / f"predictions_{stem}.jsonl", ("\n".join(lines) + "\n").encode()))
-    return _metrics(r), _info(task, examples), paths
+    return paths
 
 
 def _metrics(r) -> dict:
@@ -115,20 +125,15 @@ def _info(task, examples) -> dict:
             "limit": LIMIT.value, "mode": MODE.value, "classes": task.num_classes}
 
 
-def general(model, tokenizer, mesh):
-    out = {}
-    for name in GENERAL.value:
-        items = evaluate.load_benchmark(name, limit=GENERAL_LIMIT.value, seed=SEED.value)
-        out[name] = evaluate.evaluate_mc(model, tokenizer, items, batch_size=BATCH_SIZE.value,
-                                         mesh=mesh, max_length=MAX_LENGTH.value,
-                                         progress=name)
-    return out
+def general(model, tokenizer, mesh, benchmarks: dict):
+    return {name: evaluate.evaluate_mc(model, tokenizer, items, batch_size=BATCH_SIZE.value,
+                                       mesh=mesh, max_length=MAX_LENGTH.value, progress=name)
+            for name, items in benchmarks.items()}
 
 
-def perplexities(model, tokenizer, mesh):
+def perplexities(model, tokenizer, mesh, paths):
     by_file, nll, count = {}, 0.0, 0
-    for name in PPL_FILES.value:
-        path = corpus_path(name)
+    for path in paths:
         text = evaluate.held_out_text(path, PPL_FRACTION.value)
         r = evaluate.perplexity(model, tokenizer, text, window=PPL_WINDOW.value,
                                 stride=PPL_STRIDE.value, max_tokens=PPL_MAX_TOKENS.value,
@@ -165,26 +170,34 @@ def main(argv):
         if name not in evaluate.BENCHMARKS:
             raise app.UsageError(f"--general: unknown benchmark {name!r}; use "
                                  f"{sorted(evaluate.BENCHMARKS)}")
+    out_dir = cli.output_dir(OUT.value)
     mesh = common.setup()
     start = time.perf_counter()
-    out_dir = Path(OUT.value)
+    # every input is read before the first forward: bad input costs no compute, writes nothing
+    task, examples = in_domain_inputs() if TASK.value else (None, None)
+    benchmarks = {name: evaluate.load_benchmark(name, limit=GENERAL_LIMIT.value,
+                                                seed=SEED.value) for name in GENERAL.value}
+    ppl_paths = [corpus_path(name) for name in PPL_FILES.value] if PERPLEXITY.value else []
     model = jdistill.load_pretrained(MODEL.value, dtype=DTYPE.value, mesh=mesh)
     tokenizer = data.load_tokenizer(model.source_path, TOKENIZER.value)
     c = model.config
     metrics, info, paths, timings = {}, {}, {}, {}
-    if TASK.value:
+    if task is not None:
         t = time.perf_counter()
-        m, info, paths = in_domain(model, tokenizer, mesh, out_dir)
-        metrics.update(m)
+        r, preds, outputs = in_domain(model, tokenizer, mesh, task, examples)
+        metrics.update(_metrics(r))
+        info = _info(task, examples)
+        if sharding.is_writer():  # every process computed the same metrics; one writes
+            paths = write_in_domain(out_dir, task, examples, r, preds, outputs)
         timings["in_domain"] = time.perf_counter() - t
-    if GENERAL.value:
+    if benchmarks:
         t = time.perf_counter()
-        metrics["general"] = general(model, tokenizer, mesh)
+        metrics["general"] = general(model, tokenizer, mesh, benchmarks)
         timings["general"] = time.perf_counter() - t
-    if PERPLEXITY.value:
+    if ppl_paths:
         t = time.perf_counter()
         metrics["perplexity"], metrics["perplexity_by_file"] = perplexities(model, tokenizer,
-                                                                            mesh)
+                                                                            mesh, ppl_paths)
         timings["perplexity"] = time.perf_counter() - t
     row = {
         **results.run_metadata(), "main": "evaluate",
@@ -204,4 +217,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli.run(main)

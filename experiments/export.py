@@ -10,9 +10,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import jdistill
+from experiments import cli
 from experiments import flags as common
 from jdistill.model import describe, jit_forward
 
@@ -30,7 +31,7 @@ TINY = jdistill.ModelConfig(family="llama", vocab_size=512, hidden_size=64,
 def main(argv):
     del argv
     mesh = common.setup()
-    out = Path(OUT.value)
+    out = cli.output_dir(OUT.value)
     source = CHECKPOINT.value
     if source is None:
         source = out / "tiny-llama"
@@ -62,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
+
+from experiments import cli
 import numpy as np
 
 from jdistill import scaling as sc
@@ -269,9 +270,8 @@ def run(argv_unused=None) -> dict:
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")
     t0 = time.time()
+    out = cli.output_dir(FLAGS.out)
     law, x, y, prov = load(FLAGS.law)
-    out = Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
     kw = dict(delta=FLAGS.delta, kind=FLAGS.residuals, refine=FLAGS.refine or None,
               outlier_mad=FLAGS.outlier_mad, drop_nonfinite=FLAGS.drop_nonfinite)
     result = sc.fit(law, x, y, **kw)
@@ -307,6 +307,7 @@ def run(argv_unused=None) -> dict:
                 lo, hi = boot.predict_interval(px)
                 entry["interval"] = [float(lo[0]), float(hi[0])]
             predictions.append(entry)
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad input above writes nothing
     files = plots(law, result, boot, x, y, out, ylabel=str(prov.get("y", "y")))
     report = {
         "law": law.name, "formula": law.formula, "columns": prov,
@@ -342,14 +343,10 @@ def _json_default(o):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        report = run()
-    except ValueError as err:  # bad data or settings: one clear line, no traceback
-        print(f"fit: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    report = run()
     print(json.dumps({"params": report["params"], "intervals": report["intervals"],
                       "objective": report["objective"]}, indent=1))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,4 +1,4 @@
-"""Flags every main shares: multi-process set-up and the device mesh."""
+"""Flags every main on a device mesh shares: multi-process set-up and the mesh."""
 
 from absl import flags
 
@@ -27,7 +27,7 @@ def setup():
                                                  PROCESS_ID.value,
                                                  heartbeat_timeout_s=HEARTBEAT_TIMEOUT.value)
     except ValueError as e:
-        raise SystemExit(f"multi-process set-up: {e}")
+        raise ValueError(f"multi-process set-up: {e}") from None
     if joined:
         import jax
 
@@ -41,44 +41,5 @@ def setup():
         sizes = {k: int(v) for k, v in (kv.split("=") for kv in MESH.value.split(","))}
         return sharding.make_mesh(**sizes)
     except (ValueError, TypeError) as e:
-        raise SystemExit(f"--mesh={MESH.value!r}: {e}; expected e.g. data=2,fsdp=2,tensor=2")
-
-
-def run(main):
-    """`absl.app.run(main)`, except that in a multi-process run any error ends this process
-    at once with a message saying what to do.
-
-    Why: when one process dies, the others fail in their next collective (or the coordination
-    service ends them after --heartbeat_timeout); a normal Python exit would then wait at
-    JAX's shutdown barrier for the dead peer and abort with a C++ stack trace.
-    """
-    from absl import app
-
-    def guarded(argv):
-        from absl import flags as absl_flags
-        from absl import logging
-
-        if not absl_flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
-            logging.set_verbosity(logging.WARNING)
-        try:
-            return main(argv)
-        except Exception as e:  # noqa: BLE001 - any failure takes the whole run down
-            import jax
-
-            if jax.process_count() == 1:
-                raise
-            import os
-            import sys
-            import traceback
-
-            traceback.print_exc()
-            first = (str(e).strip().splitlines() or [""])[0][:500]
-            print(f"\njdistill: process {jax.process_index()} of {jax.process_count()} stopped "
-                  f"({type(e).__name__}: {first}).\nIn a multi-process run this usually means "
-                  "another process died or was killed: see its log. Every process of the run "
-                  "stops; rerun all of them with the same command to resume from the last "
-                  "checkpoint.", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(1)
-
-    app.run(guarded)
+        raise ValueError(f"--mesh={MESH.value!r}: {e}; expected e.g. data=2,fsdp=2,tensor=2") \
+            from None

@@ -10,7 +10,9 @@ jdistill.load_pretrained and prints its summary (--noverify skips that).
 
 import time
 
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
 
 from jdistill import gguf
 
@@ -25,6 +27,7 @@ flags.mark_flag_as_required("out")
 
 def main(argv):
     del argv
+    cli.output_dir(OUT.value)
     source = GGUF.value or gguf.default_teacher_path()
     start = time.perf_counter()
     out = gguf.import_gguf(source, OUT.value, dtype=DTYPE.value)
@@ -37,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,10 +12,11 @@ answer extrapolates beyond the measured ratios or data sizes.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from absl import app, flags
+
+from experiments import cli
 
 from jdistill import scaling as sc
 from jdistill import study as sd
@@ -81,15 +82,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.results:
         raise app.UsageError("--results is required")
-    try:
-        an = sd.analyze(sd.load_study(FLAGS.results), method=FLAGS.method,
-                        schedule=FLAGS.schedule, n_boot=FLAGS.n_boot, seed=FLAGS.seed)
-        p = sd.plan(an, min_in_domain_rel=FLAGS.min_in_domain_rel,
-                    max_general_drop=FLAGS.max_general_drop, max_examples=FLAGS.max_examples,
-                    formats=FLAGS.formats, conservative=FLAGS.conservative)
-    except ValueError as err:  # malformed rows or settings: one clear line, no traceback
-        print(f"plan: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    an = sd.analyze(sd.load_study(FLAGS.results), method=FLAGS.method,
+                    schedule=FLAGS.schedule, n_boot=FLAGS.n_boot, seed=FLAGS.seed)
+    p = sd.plan(an, min_in_domain_rel=FLAGS.min_in_domain_rel,
+                max_general_drop=FLAGS.max_general_drop, max_examples=FLAGS.max_examples,
+                formats=FLAGS.formats, conservative=FLAGS.conservative)
     if FLAGS.out:
         out = Path(FLAGS.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,4 +96,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

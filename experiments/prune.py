@@ -7,7 +7,6 @@ Writes OUT/ (an HF checkpoint of the pruned model), OUT/pruning_report.json, and
 OUT/importance_step{k}.png and OUT/scores_step{k}.npz.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from absl import app, flags
 
 import jdistill
+from experiments import cli
 from experiments import flags as common
 from jdistill import data, pruning, sharding
 from jdistill.pruning import report
@@ -70,6 +70,7 @@ def main(argv):
     del argv
     if (COMPRESSION.value is None) == (DIMS.value is None):
         raise app.UsageError("give exactly one of --compression and --dims")
+    out = cli.output_dir(OUT.value)
     mesh = common.setup()
     start = time.perf_counter()
     tokenizer = data.load_tokenizer(MODEL.value, TOKENIZER.value)
@@ -82,7 +83,6 @@ def main(argv):
     # every process builds the same (small) host batches; each places only its own rows
     batches = [tuple(sharding.shard_batch(a, mesh) for a in b) for b in batches]
     teacher_params = model.config.num_params()
-    out = Path(OUT.value)
     print(f"teacher {teacher_params:,} params; calibration {len(batches)} batches, "
           f"{n_tokens:,} tokens")
 
@@ -155,4 +155,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli.run(main)

@@ -14,10 +14,11 @@ import io
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 from absl import app, flags
+
+from experiments import cli
 import numpy as np
 
 from jdistill import scaling as sc
@@ -43,9 +44,9 @@ def write_report(results_path, out_dir, *, n_boot: int = 200, seed: int = 0,
     Returns the path of report.md. Raises ValueError on malformed rows.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     an = sd.analyze(sd.load_study(results_path), method=method, schedule=schedule,
                     n_boot=n_boot, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)  # only now: malformed rows write nothing
     plots = render_plots(an, out)
     summary = {**sd.summary(an), "plots": plots}
     sc.atomic_write(out / "fits.json", json.dumps(summary, indent=1))
@@ -273,15 +274,11 @@ def markdown(an: sd.Analysis, summary: dict, plots: list[str], *, source: str) -
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for name in ("results", "out"):
-        if not getattr(FLAGS, name):
-            raise app.UsageError(f"--{name} is required")
-    try:
-        path = write_report(FLAGS.results, FLAGS.out, n_boot=FLAGS.n_boot, seed=FLAGS.seed,
-                            method=FLAGS.method, schedule=FLAGS.schedule)
-    except ValueError as err:  # malformed rows or settings: one clear line, no traceback
-        print(f"report: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    if not FLAGS.results:
+        raise app.UsageError("--results is required")
+    cli.output_dir(FLAGS.out)
+    path = write_report(FLAGS.results, FLAGS.out, n_boot=FLAGS.n_boot, seed=FLAGS.seed,
+                        method=FLAGS.method, schedule=FLAGS.schedule)
     summary = json.loads((Path(FLAGS.out) / "fits.json").read_text())
     for f in summary["findings"]:
         print(f"{f['status']:>15}  {f['id']}: {f['claim']}")
@@ -290,4 +287,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

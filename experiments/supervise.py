@@ -24,6 +24,7 @@ import jax
 from absl import app, flags
 
 import jdistill
+from experiments import cli
 from experiments import flags as common
 from jdistill import data, supervision
 from jdistill.config import load_hf_config
@@ -116,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from experiments import cli
 from experiments import flags as common
 from jdistill import pipeline, results, sweep
 
@@ -49,7 +50,8 @@ DESIGN = flags.DEFINE_enum("design", None, list(sweep.DESIGNS),
 CONTRAST = flags.DEFINE_list("contrast_ratios", None, "star design: ratios of the contrasts")
 TEACHER = flags.DEFINE_string("teacher", None, "teacher: HF directory or .gguf (default: the "
                               "shipped SmolLM2-135M-Instruct)")
-TASK = flags.DEFINE_string("task", None, "shipped task name or a labelled data file")
+TASK = flags.DEFINE_string("task", None, "shipped task name, train=FILE,test=FILE, a "
+                          "Hugging Face hub name or a datasets save_to_disk folder")
 SET = flags.DEFINE_list("set", [], "settings overrides NAME=VALUE (names: "
                         + ", ".join(f.name for f in dataclasses.fields(pipeline.Settings))
                         + "); tuples as a|b|c")
@@ -209,7 +211,7 @@ def main(argv):
     del argv
     if not OUT.value:
         raise app.UsageError("--out is required (the sweep directory)")
-    out = Path(OUT.value)
+    out = cli.output_dir(OUT.value)
     g, s = grid(), settings()
     cells = g.cells()
     if CELL.value:
@@ -241,4 +243,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli.run(main)

@@ -70,19 +70,25 @@ class Settings:
 
 
 def load_task(spec: str, train_split: str, eval_split: str) -> tasks.TaskSpec:
-    """A shipped task name, or the user's files as "train=FILE,test=FILE" (a study needs a
-    split to train on and a disjoint one to evaluate)."""
-    if spec in tasks.TASKS:
-        return tasks.get_task(spec)
-    try:
-        files = dict(kv.split("=", 1) for kv in spec.split(","))
-    except ValueError:
-        files = {}
-    if set(files) != {train_split, eval_split}:
-        raise ValueError(f"task {spec!r}: give a shipped task ({sorted(tasks.TASKS)}) or both "
-                         f"splits of your data, e.g. {train_split}=train.csv,{eval_split}="
-                         "test.csv (text/headline + label columns)")
-    return tasks.task_from_file(files, name=Path(files[train_split]).stem)
+    """A shipped task name, a Hugging Face data set (hub name or save_to_disk folder), or the
+    user's files as "train=FILE,test=FILE" (a study needs a split to train on and a disjoint
+    one to evaluate)."""
+    if "=" in spec:
+        try:
+            files = dict(kv.split("=", 1) for kv in spec.split(","))
+        except ValueError:
+            files = {}
+        if set(files) != {train_split, eval_split}:
+            raise ValueError(f"task {spec!r}: name both splits of your data, e.g. "
+                             f"{train_split}=train.csv,{eval_split}=test.csv (text/headline + "
+                             "label columns)")
+        return tasks.task_from_file(files, name=Path(files[train_split]).stem)
+    task = tasks.get_task(spec)
+    missing = [s for s in (train_split, eval_split) if s not in task.splits]
+    if missing:
+        raise ValueError(f"task {spec!r} has splits {sorted(task.splits)}, not {missing}; "
+                         "choose them with --set=train_split=NAME,eval_split=NAME")
+    return task
 
 
 class Study:

@@ -12,7 +12,16 @@ Everything else is a pure function of a spec:
 
 Shipped specs: `twitter_topics` (default, 20 classes) and `reuters35` (35 classes); any
 labelled headline file (FinHeadlineMix-shaped: a `text` or `headline` column and a `label`
-column; .csv / .jsonl / .json / .parquet) becomes a task with `task_from_file`.
+column; .csv / .jsonl / .json / .parquet, optionally .xz / .gz / .bz2) becomes a task with
+`task_from_file`, and any Hugging Face data set — a hub name such as `nvidia/FinHeadlineMix`
+or `zeroshot/twitter-financial-news-topic`, or a `save_to_disk` folder — with `task_from_hf`
+(label names from its ClassLabel feature). `get_task` takes any of these.
+
+Readers (why two): HF `datasets` reads hub data and its own folders; our CSV / JSONL readers
+stay for plain files because they return every CSV field as the exact string in the file
+(`datasets`' CSV builder goes through pandas, whose type inference turns "NA" headlines into
+NaN and "007" labels into 7 unless every column's features are spelled out) and write no
+Arrow cache under ~/.cache for each file read.
 
 Prompt choice (why): prompts are short plain text ending in "Topic:" and the answer is
 " <label name>". The label names are *not* listed by default: for 35 classes the list costs
@@ -25,7 +34,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +49,13 @@ from jdistill.data import READERS, TEXT_COLUMNS, data_file, format_suffix, read_
 @dataclasses.dataclass(frozen=True)
 class SplitFile:
     """One split's rows: a data file, optionally only the rows where column == value for
-    every (column, value) pair in `where` (e.g. Reuters' ModApte split column)."""
+    every (column, value) pair in `where` (e.g. Reuters' ModApte split column). With
+    `hf_split`, `path` is a Hugging Face data set (hub name or `save_to_disk` folder) and
+    the rows are its split of that name."""
 
     path: str
     where: tuple = ()
+    hf_split: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,14 +164,24 @@ TASKS = {"twitter_topics": twitter_topics, "reuters35": reuters35}
 DEFAULT_TASK = "twitter_topics"
 
 
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name on the HF hub
+
+
 def get_task(name_or_path: str, *, split: str = "test", label_names=None) -> TaskSpec:
-    """A shipped task by name, or `task_from_file` for a path to a data file."""
+    """A shipped task by name; `task_from_file` for a path to a data file (it becomes split
+    `split`); `task_from_hf` for a `save_to_disk` folder or a hub name (owner/name)."""
     if name_or_path in TASKS:
         return TASKS[name_or_path]()
+    path = Path(name_or_path)
+    if path.is_dir():
+        return task_from_hf(name_or_path, label_names=label_names)
     if format_suffix(name_or_path) in READERS:
         return task_from_file(name_or_path, label_names, split=split)
-    raise ValueError(f"unknown task {name_or_path!r}: use one of {sorted(TASKS)} or a path to "
-                     f"a labelled {'/'.join(READERS)} file")
+    if HUB_NAME.match(name_or_path) and not path.exists():
+        return task_from_hf(name_or_path, label_names=label_names)
+    raise ValueError(f"unknown task {name_or_path!r}: use one of {sorted(TASKS)}, a labelled "
+                     f"{'/'.join(READERS)} file, a datasets save_to_disk folder or a Hugging "
+                     "Face hub name (owner/name)")
 
 
 def task_from_file(path, label_names=None, *, split: str = "test", name: str | None = None,
@@ -186,22 +210,106 @@ def task_from_file(path, label_names=None, *, split: str = "test", name: str | N
 
 def infer_label_names(paths, label_field: str = "label") -> tuple:
     """Sorted distinct labels of the files; integer labels cannot name themselves."""
+    def values():
+        for p in paths:
+            for i, row in enumerate(read_rows(p), 1):
+                if label_field not in row:
+                    raise ValueError(f"{p} row {i}: no {label_field!r} column (columns: "
+                                     f"{sorted(row)}); pass label_field=")
+                yield row[label_field]
+
+    return label_names_of(values(), [str(p) for p in paths])
+
+
+def label_names_of(values, where) -> tuple:
+    """Sorted distinct string labels of `values` (from `where`, for errors); an integer
+    label cannot name itself."""
     seen = set()
-    for p in paths:
-        rows = read_rows(p)
-        for i, row in enumerate(rows, 1):
-            if label_field not in row:
-                raise ValueError(f"{p} row {i}: no {label_field!r} column (columns: "
-                                 f"{sorted(row)}); pass label_field=")
-            v = row[label_field]
-            if isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().isdigit()):
-                raise ValueError(f"{p} row {i}: label {v!r} is an integer index; pass "
-                                 "label_names (the class names in index order, e.g. "
-                                 "--label_names=names.txt with one name a line)")
-            seen.add(str(v).strip())
+    for v in values:
+        if isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().isdigit()):
+            raise ValueError(f"{where}: label {v!r} is an integer index; pass label_names "
+                             "(the class names in index order, e.g. --label_names=names.txt "
+                             "with one name a line)")
+        seen.add(str(v).strip())
     if not seen:
-        raise ValueError(f"no labels in {list(map(str, paths))}")
+        raise ValueError(f"no labels in {where}")
     return tuple(sorted(seen))
+
+
+# ------------------------------------------------------------------ Hugging Face datasets
+
+LABEL_COLUMNS = ("label", "labels", "topic", "category", "class")
+
+
+@functools.lru_cache(maxsize=4)
+def load_hf(source: str):
+    """A `datasets.DatasetDict` from a `save_to_disk` folder (a single saved `Dataset`
+    becomes split "train") or a hub name. Without network, a hub name not in the local HF
+    cache is one error saying how to pass a local copy."""
+    import datasets
+
+    path = Path(source)
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise ValueError(f"{path} is not a datasets save_to_disk folder (no "
+                             "dataset_dict.json / dataset_info.json); pass a data file or a "
+                             "folder written by Dataset(Dict).save_to_disk") from None
+        return loaded if isinstance(loaded, datasets.DatasetDict) else \
+            datasets.DatasetDict({"train": loaded})
+    try:
+        return datasets.load_dataset(source)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(
+            f"cannot load the Hugging Face data set {source!r} ({first}); on a machine with "
+            f"network run: python -c \"import datasets; datasets.load_dataset('{source}')"
+            ".save_to_disk('DIR')\", copy DIR here and pass it instead of the hub name") from None
+
+
+def task_from_hf(source, *, splits=None, label_names=None, text_field: str | None = None,
+                 label_field: str | None = None, name: str | None = None,
+                 template: str | None = None, answer_prefix: str = " ") -> TaskSpec:
+    """A task from a Hugging Face data set: a hub name (e.g. "nvidia/FinHeadlineMix") or a
+    `save_to_disk` folder.
+
+    Args:
+      splits: the data set's splits to use (default all of them), by name; the task's split
+        names are the data set's ("train", "validation", "test", ...).
+      label_names: the classes in index order. None: the names of the label column's
+        ClassLabel feature, else the sorted distinct string labels.
+      text_field / label_field: None = the first of `text`, `headline` / of LABEL_COLUMNS.
+    """
+    source = str(source)
+    dd = load_hf(source)
+    chosen = list(dd) if splits is None else list(splits)
+    missing = [s for s in chosen if s not in dd]
+    if missing or not chosen:
+        raise ValueError(f"data set {source!r} has splits {sorted(dd)}; asked for {chosen}")
+    features = dd[chosen[0]].features
+    label_field = label_field or next((c for c in LABEL_COLUMNS if c in features), None)
+    if label_field is None or label_field not in features:
+        raise ValueError(f"data set {source!r}: no label column (looked for "
+                         f"{[label_field] if label_field else list(LABEL_COLUMNS)}; columns: "
+                         f"{sorted(features)}); pass label_field=")
+    if label_names is None:
+        names = getattr(features[label_field], "names", None)  # a ClassLabel feature
+        label_names = names or label_names_of(
+            (row[label_field] for s in chosen for row in dd[s]), source)
+    return TaskSpec(
+        name=name or Path(source).name.replace("/", "_"),
+        splits={s: SplitFile(source, hf_split=s) for s in chosen},
+        label_names=tuple(label_names), text_field=text_field, label_field=label_field,
+        template=template or TaskSpec.template, answer_prefix=answer_prefix,
+        description=f"Hugging Face data set {source} ({', '.join(chosen)})")
+
+
+def read_split_rows(source: SplitFile) -> list[dict]:
+    """The rows of one split: a data file's, or a Hugging Face data set split's."""
+    if source.hf_split is None:
+        return read_rows(source.path)
+    return load_hf(source.path)[source.hf_split].to_list()
 
 
 # ------------------------------------------------------------------ reading
@@ -238,7 +346,7 @@ def load_split(task: TaskSpec, split: str) -> list[tuple[str, int]]:
         raise ValueError(f"task {task.name!r} has no split {split!r}; it has "
                          f"{sorted(task.splits)}")
     source = task.splits[split]
-    rows = read_rows(source.path)
+    rows = read_split_rows(source)
     for column, value in source.where:
         if rows and column not in rows[0]:
             raise ValueError(f"{source.path}: no column {column!r} to select split {split!r}")

@@ -30,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jdistill import losses
+from jdistill import losses, results
 from jdistill import lora as lora_lib
 from jdistill import sharding as sharding_lib
 from jdistill.model import Decoder, stack_trees
@@ -302,6 +302,10 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
     t_graphdef, t_params = (None, None) if teacher is None else \
         (nnx.split(teacher)[0], pure_params(teacher))
     _check_global(student, teacher)
+    load_batch, rows = _batch_loader(batcher, mesh)  # checks the batch fits the mesh
+    settings = run_settings(cfg, batcher, student)
+    if checkpoint_every:
+        check_resume_settings(workdir, settings)
     state, frozen, t_params, state_sh = _place(student, t_params, mesh, cfg)
     manager = None if not checkpoint_every else ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
@@ -319,7 +323,8 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
     # so every process can read them
     step_fn = jax.jit(make_step(s_graphdef, t_graphdef, cfg), donate_argnums=0,
                       out_shardings=(state_sh, replicated))
-    load_batch, rows = _batch_loader(batcher, mesh)
+    if manager is not None and sharding_lib.is_writer():
+        results.atomic_write(workdir / SETTINGS_FILE, json.dumps(settings, indent=1))
     if jax.process_count() > 1:
         log(f"process {jax.process_index()} of {jax.process_count()} loads batch rows "
             f"{_spans(rows)} of {batcher.batch_size} per micro-batch")
@@ -367,6 +372,41 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
                      tokens_seen=cfg.steps * tokens_per_step,
                      seconds=time.perf_counter() - t0,
                      final_metrics={k: float(v) for k, v in metrics.items()})
+
+
+SETTINGS_FILE = "run_settings.json"  # beside the checkpoints: what a resume must match
+
+
+def run_settings(cfg: DistillConfig, batcher, student) -> dict:
+    """What a resumed run must share with the checkpointed one: the optimisation (but
+    `steps`: a run may be extended), the batches and the student's size (JSON-ready)."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}
+    return {"config": json.loads(json.dumps(config, default=str)),
+            "batches": {"kind": type(batcher).__name__, "batch_size": batcher.batch_size,
+                        "accum": batcher.accum, "seq_len": batcher.seq_len,
+                        "seed": getattr(batcher, "seed", None),
+                        "examples": len(getattr(batcher, "encoded", ()))},
+            "student_params": student.config.num_params()}
+
+
+def check_resume_settings(workdir, settings: dict) -> None:
+    """Raises when `workdir` holds checkpoints of a run with other settings (resuming them
+    would silently mix two runs)."""
+    path = Path(workdir) / SETTINGS_FILE
+    if not path.exists() or not (Path(workdir) / "checkpoints").exists():
+        return
+    old = json.loads(path.read_text())
+    diffs = [f"{group}.{k}: {old.get(group, {}).get(k)!r} -> {v!r}"
+             for group in ("config", "batches") for k, v in settings[group].items()
+             if old.get(group, {}).get(k) != v]
+    if old.get("student_params") != settings["student_params"]:
+        diffs.append(f"student params: {old.get('student_params')} -> "
+                     f"{settings['student_params']}")
+    if diffs:
+        raise ValueError(f"{workdir} holds checkpoints of a run with other settings "
+                         f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); rerun "
+                         "with the same settings to resume, or give another --workdir/--out "
+                         "(or delete that folder) to start afresh")
 
 
 def _check_global(*models):

@@ -183,3 +183,90 @@ def test_subsample_on_the_real_task_keeps_rare_classes():
     for c in full:
         assert abs(counts[c] - 1000 * full[c] / len(examples)) <= 1.0
     assert np.isclose(sum(counts.values()), 1000)
+
+
+# ------------------------------------------------------------------ Hugging Face datasets
+
+
+def _save_hf(path, *, class_label=True):
+    """A DatasetDict written with save_to_disk: ClassLabel labels, a headline reading "NA"."""
+    import datasets
+
+    label = (datasets.ClassLabel(names=["Earnings", "M&A", "Macro"]) if class_label
+             else datasets.Value("string"))
+    features = datasets.Features({"headline": datasets.Value("string"), "label": label})
+    train = {"headline": ["Acme beats estimates", "NA", "Fed holds", "Widget buys Gadget"],
+             "label": [0, 1, 2, 1] if class_label else ["Earnings", "M&A", "Macro", "M&A"]}
+    test = {"headline": ["Profit falls", "NA"],
+            "label": [0, 2] if class_label else ["Earnings", "Macro"]}
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(train, features=features),
+        "validation": datasets.Dataset.from_dict(test, features=features),
+    }).save_to_disk(str(path))
+    return path
+
+
+def test_save_to_disk_folder_is_a_task_with_classlabel_names(tmp_path):
+    task = tasks.get_task(str(_save_hf(tmp_path / "fin")))
+    assert task.label_names == ("Earnings", "M&A", "Macro")  # from the ClassLabel feature
+    assert set(task.splits) == {"train", "validation"}
+    train = tasks.load_split(task, "train")
+    assert train == [("Acme beats estimates", 0), ("NA", 1), ("Fed holds", 2),
+                     ("Widget buys Gadget", 1)]  # the "NA" headline stays a string
+    assert tasks.load_split(task, "validation") == [("Profit falls", 0), ("NA", 2)]
+    with pytest.raises(ValueError, match="has no split 'test'"):
+        tasks.load_split(task, "test")
+
+
+def test_hf_string_labels_are_inferred_and_columns_named(tmp_path):
+    path = _save_hf(tmp_path / "fin", class_label=False)
+    task = tasks.task_from_hf(path, splits=["train"])
+    assert task.label_names == ("Earnings", "M&A", "Macro") and set(task.splits) == {"train"}
+    assert tasks.load_split(task, "train")[1] == ("NA", 1)
+    with pytest.raises(ValueError, match="no label column"):
+        tasks.task_from_hf(path, label_field="topic")
+    with pytest.raises(ValueError, match="splits"):
+        tasks.task_from_hf(path, splits=["test"])
+
+
+def test_hub_name_without_network_says_how_to_pass_a_local_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"save_to_disk\('DIR'\)") as e:
+        tasks.get_task("nvidia/FinHeadlineMix")
+    assert "\n" not in str(e.value)
+
+
+def test_folder_that_is_not_a_saved_dataset(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="save_to_disk"):
+        tasks.get_task(str(tmp_path / "x"))
+
+
+def test_shipped_data_resolves_from_the_package_or_jdistill_data(tmp_path, monkeypatch):
+    root = data.data_root()
+    assert root.name == "shipped_data" and (root / "MANIFEST.md").is_file()
+    assert data.data_file("finance/twitter_financial_news_topic/topic_train.csv").suffix == ".xz"
+    (tmp_path / "finance/twitter_financial_news_topic").mkdir(parents=True)
+    for split, rows in (("train", "Fed holds,1\nApple beats,5\n"), ("valid", "Oil up,6\n")):
+        (tmp_path / f"finance/twitter_financial_news_topic/topic_{split}.csv").write_text(
+            "text,label\n" + rows)
+    monkeypatch.setenv("JDISTILL_DATA", str(tmp_path))
+    assert tasks.load_split(tasks.twitter_topics(), "test") == [("Oil up", 6)]
+    monkeypatch.setenv("JDISTILL_DATA", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="JDISTILL_DATA"):
+        tasks.twitter_topics()
+
+
+@pytest.mark.parametrize("compress", ["xz", "gz", "bz2"])
+def test_compressed_task_files_read_like_plain_ones(tmp_path, compress):
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {"xz": lzma.open, "gz": gzip.open, "bz2": bz2.open}[compress]
+    path = tmp_path / f"t.csv.{compress}"
+    with opener(path, "wt", encoding="utf-8", newline="") as f:
+        f.write('text,label\n"Acme, Inc. beats",up\nNA,down\n')
+    task = tasks.get_task(str(path))
+    assert tasks.load_split(task, "test") == [("Acme, Inc. beats", 1), ("NA", 0)]
