@@ -28,7 +28,10 @@ setup(
         "gguf",
     ],
     extras_require={
-        # torch is only the reference implementation the tests compare against.
-        "test": ["torch==2.13.0", "accelerate", "tensorboardX", "chex", "pytest", "pytest-xdist"],
+        # References the tests compare against (torch + accelerate: transformers' models and
+        # GGUF loading; scikit-learn: macro-F1), tensorboardX (the optional metrics writer),
+        # chex (tree assertions) and the runner.
+        "test": ["torch==2.13.0", "accelerate", "scikit-learn", "tensorboardX", "chex",
+                 "pytest", "pytest-xdist"],
     },
 )

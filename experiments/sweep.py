@@ -32,8 +32,9 @@ from jdistill import pipeline, results, sweep
 
 OUT = flags.DEFINE_string("out", None, "sweep directory (rows/, cells/, results.jsonl)")
 PRESET = flags.DEFINE_enum("preset", None, sorted(sweep.PRESETS),
-                           "grid + settings preset (demo: minutes on a CPU; paper: the full "
-                           "grid, meant for accelerators)")
+                           "grid + settings preset (demo: minutes on a CPU; smoke: every "
+                           "stage once, an install check; paper: the full grid, meant for "
+                           "accelerators)")
 CONFIG = flags.DEFINE_string("config", None, "JSON file with grid keys (ratios, formats, "
                              "methods, schedules, examples, seeds, iterative_steps, design, "
                              "contrast_ratios)")
@@ -73,6 +74,9 @@ SETTINGS_PRESETS = {
                  correction_steps=10, correction_examples=256,
                  correction_learning_rate=1e-4, steps=6, batch_size=4,
                  seq_len=128, calib_samples=32, trace_max_new_tokens=24),
+    "smoke": dict(eval_examples=16, general=("arc_easy",), general_limit=16,
+                  correction_steps=2, correction_examples=32, correction_learning_rate=1e-4,
+                  steps=2, batch_size=2, seq_len=96, calib_samples=8, trace_max_new_tokens=8),
     "paper": dict(eval_examples=1000, general=("arc_easy", "arc_challenge", "hellaswag",
                                                "piqa", "boolq", "openbookqa", "mmlu"),
                   general_limit=500, correction_steps=300, correction_examples=4000,

@@ -1,4 +1,4 @@
-"""Results rows: one JSON object a line, the only thing the fitter reads (see DESIGN.md).
+"""Results rows: one JSON object a line, the only thing the fitter reads.
 
 Every experiment main appends rows with `append_row`. A row is written with a single
 `write` on an `O_APPEND` descriptor under an exclusive lock, so a killed run never leaves a

@@ -178,7 +178,7 @@ def _frantar_jac(x: XDict, theta) -> Array:
 def distill_error(x: XDict, theta) -> Array:
     """In-domain error of a distilled student: err(r, D) = E + A r^alpha + B / D^beta.
 
-    Form chosen for this study (jdistill DESIGN.md, "Scaling-law fitting"): a Chinchilla-
+    Form chosen for this study (BUILD_NOTES.md, "Scaling-law fitter"): a Chinchilla-
     style additive power law with an irreducible term E, a compression penalty growing as
     r^alpha (r = teacher params / student params >= 1, so r = 1 gives E + A + B/D^beta, the
     teacher-size student) and a data term B/D^beta (D = distillation examples or tokens).

@@ -124,6 +124,11 @@ PRESETS = {
                  methods=("full", "lora"), schedules=("one_shot", "iterative"),
                  examples=(64,), design="star", contrast_ratios=(2.0,),
                  contrast_formats=("label",)),
+    # an install check: every stage (correction, one-shot and iterative pruning, CoT traces,
+    # full and LoRA distillation, evaluation, report, plan) once, in minutes; no evidence
+    "smoke": Grid(ratios=(2.0,), formats=("label", "blended"), methods=("full", "lora"),
+                  schedules=("one_shot", "iterative"), examples=(16,), design="star",
+                  contrast_ratios=(2.0,), contrast_formats=("label",)),
     # the paper's grid (hours on a CPU; meant for accelerators)
     "paper": Grid(ratios=(1.25, 1.5, 2.0, 3.0, 4.0, 6.0), formats=FORMATS,
                   methods=METHODS, schedules=SCHEDULES, examples=(250, 1000, 4000),

@@ -35,7 +35,7 @@ from jdistill import lora as lora_lib
 from jdistill import sharding as sharding_lib
 from jdistill.model import Decoder, stack_trees
 
-# supervision format -> (blend weights, normalisation); see DESIGN.md "supervision format"
+# supervision format -> (blend weights, normalisation); see losses.BlendWeights
 FORMATS = {
     "label": (losses.BlendWeights.answer_sft(), "segment"),   # CE on the answer tokens
     "logits": (losses.BlendWeights.logit_kd(), "union"),      # KL to the teacher, same tokens
