@@ -9,6 +9,7 @@ setup(
     packages=find_packages(include=["jdistill", "jdistill.*", "experiments"]),
     # the data sets the mains, demo and tests read (jdistill/shipped_data/MANIFEST.md)
     package_data={"jdistill": ["shipped_data/*.md", "shipped_data/**/*"]},
+    entry_points={"console_scripts": ["jdistill = experiments.cli:console"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",
@@ -29,9 +30,15 @@ setup(
     ],
     extras_require={
         # References the tests compare against (torch + accelerate: transformers' models and
-        # GGUF loading; scikit-learn: macro-F1), tensorboardX (the optional metrics writer),
-        # chex (tree assertions) and the runner.
+        # GGUF loading; scikit-learn: macro-F1; lm-eval: the harness's HF model), the
+        # optional extras' packages (tensorboardX, wandb, lm-eval), chex (tree assertions)
+        # and the runner.
         "test": ["torch==2.13.0", "accelerate", "scikit-learn", "tensorboardX", "chex",
-                 "pytest", "pytest-xdist"],
+                 "lm-eval==0.4.13", "wandb", "pytest", "pytest-xdist"],
+        # jdistill models inside lm-evaluation-harness (jdistill.harness, evaluate
+        # --harness_tasks); pinned: the tests check equality against this version's HFLM
+        "harness": ["lm-eval==0.4.13"],
+        # the wandb logger (--loggers=tensorboard,wandb); tensorboardX for the tensorboard one
+        "loggers": ["wandb", "tensorboardX"],
     },
 )

@@ -101,3 +101,50 @@ def run(main):
             os._exit(1)
 
     app.run(guarded, flags_parser=parse_flags)
+
+
+# ------------------------------------------------------------------ the `jdistill` command
+
+# subcommand -> the main it runs (experiments.NAME), in the order of the pipeline
+MAINS = ("demo", "import_gguf", "prune", "supervise", "correct_teacher", "distill",
+         "evaluate", "export", "sweep", "report", "fit", "plan", "benchmark")
+
+
+def summary(name: str) -> str:
+    """A main's one-line description: its docstring's first line, read without importing
+    it (`jdistill --help` stays instant)."""
+    import ast
+    import importlib.util
+
+    origin = importlib.util.find_spec(f"experiments.{name}").origin
+    doc = ast.get_docstring(ast.parse(Path(origin).read_text(encoding="utf-8"))) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def usage() -> str:
+    width = max(map(len, MAINS))
+    lines = ["usage: jdistill COMMAND [--flag=value ...]   (jdistill COMMAND --help: its flags)",
+             "", "commands:"]
+    lines += [f"  {name.replace('_', '-'):<{width}}  {summary(name)}" for name in MAINS]
+    lines += ["", "Each command is also `python -m experiments.COMMAND` (e.g. experiments.import_gguf)."]
+    return "\n".join(lines)
+
+
+def console(argv=None) -> None:
+    """`jdistill COMMAND ...`: runs experiments.COMMAND's main with the remaining flags."""
+    import importlib
+
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    name = argv[1].replace("-", "_")
+    if name not in MAINS:
+        print(f"jdistill: error: unknown command {argv[1]!r}; one of "
+              f"{', '.join(m.replace('_', '-') for m in MAINS)} (jdistill --help)",
+              file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(f"experiments.{name}")
+    getattr(module, "define_flags", lambda: None)()  # mains that define flags on demand
+    sys.argv = [f"jdistill {argv[1]}", *argv[2:]]
+    run(module.main)

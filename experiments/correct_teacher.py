@@ -1,6 +1,7 @@
-"""Teacher correction: fine-tune the teacher on the task before pruning (Minitron, Sreenivas et
-al. 2024: the pruning scores and the KL targets should come from a teacher that has seen the
-task's distribution).
+"""Teacher correction: fine-tune the teacher on the task before pruning.
+
+Why (Minitron, Sreenivas et al. 2024): the pruning scores and the KL targets should come from
+a teacher that has seen the task's distribution.
 
   python -m experiments.correct_teacher --teacher=DIR_or_GGUF --data=train.jsonl \
       --format=label --steps=200 --out=runs/teacher_corrected

@@ -23,7 +23,7 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import data, losses, packing, results, supervision, train
+from jdistill import data, losses, packing, results, supervision, tracking, train
 from jdistill.config import load_hf_config
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
@@ -143,13 +143,17 @@ def main(argv):
     print(f"student {n_s:,} params; {len(records)} records; format {FORMAT.value}, loss "
           f"{LOSS.value}, {'LoRA rank %d' % LORA_RANK.value if LORA_RANK.value else 'full'};"
           f"{packed} {STEPS.value} steps x {batcher.rows_per_step} x {SEQ_LEN.value} tokens")
-    result = train.train(student, teacher, batcher, cfg, workdir=workdir, mesh=mesh,
-                         checkpoint_every=CHECKPOINT_EVERY.value,
-                         keep_checkpoints=KEEP.value, log_every=LOG_EVERY.value)
-    # every process takes part (the export gathers sharded tensors collectively); only
-    # process 0 writes files
-    jdistill.save_pretrained(result.student, out)
-    row = results_row(cfg, result, n_s, teacher_params, len(records))
+    with tracking.open_writer(common.LOGGERS.value, logdir=workdir / "tensorboard",
+                              run=out.name, config=dataclasses.asdict(cfg)) as writer:
+        result = train.train(student, teacher, batcher, cfg, workdir=workdir, mesh=mesh,
+                             checkpoint_every=CHECKPOINT_EVERY.value,
+                             keep_checkpoints=KEEP.value, log_every=LOG_EVERY.value,
+                             writer=writer)
+        # every process takes part (the export gathers sharded tensors collectively); only
+        # process 0 writes files
+        jdistill.save_pretrained(result.student, out)
+        row = results_row(cfg, result, n_s, teacher_params, len(records))
+        writer.summary(row["metrics"])
     if jax.process_index() == 0:
         results.append_row(workdir / "results.jsonl", row)
         if RESULTS.value:

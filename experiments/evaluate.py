@@ -3,6 +3,10 @@
   python -m experiments.evaluate --model=DIR_OR.gguf --task=twitter_topics --split=test \
       --limit=200 --general=arc_easy,hellaswag,piqa --general_limit=100 --perplexity --out=DIR
 
+--harness_tasks runs lm-evaluation-harness tasks on the same loaded model (jdistill's
+registered "jdistill" LM; --harness_include=DIR adds local task YAMLs); their metrics go
+into the row's metrics.harness.TASK.
+
 Appends one results row to OUT/results.jsonl and writes, for the in-domain task,
 OUT/confusion_{task}_{split}.{json,npy,png} and OUT/predictions_{task}_{split}.jsonl.
 --task takes a shipped task name, a labelled .csv/.jsonl/.json/.parquet file (a `text`
@@ -22,7 +26,7 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import data, evaluate, results, sharding, tasks
+from jdistill import data, evaluate, results, sharding, tasks, tracking
 
 MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory or a llama.cpp .gguf file")
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer directory if --model has none")
@@ -50,6 +54,13 @@ PPL_FRACTION = flags.DEFINE_float("ppl_fraction", 0.1, "held-out tail fraction o
 PPL_WINDOW = flags.DEFINE_integer("ppl_window", 512, "perplexity window (tokens)")
 PPL_STRIDE = flags.DEFINE_integer("ppl_stride", 256, "perplexity stride (tokens)")
 PPL_MAX_TOKENS = flags.DEFINE_integer("ppl_max_tokens", 4096, "tokens scored per file at most")
+HARNESS_TASKS = flags.DEFINE_list("harness_tasks", [], "lm-evaluation-harness tasks or "
+                                  "groups to run on the model too (pip install -e "
+                                  "\".[harness]\"), e.g. arc_easy,mmlu_pro")
+HARNESS_INCLUDE = flags.DEFINE_string("harness_include", None, "folder of extra harness task "
+                                      "YAMLs (local data sets, custom prompts)")
+HARNESS_LIMIT = flags.DEFINE_integer("harness_limit", None, "first N documents per harness "
+                                     "task (the harness's --limit)")
 MAX_LENGTH = flags.DEFINE_integer("max_length", None, "longest scored input; longer contexts "
                                   "lose tokens on the left (default: the model's "
                                   "max_position_embeddings)")
@@ -125,6 +136,19 @@ def _info(task, examples) -> dict:
             "limit": LIMIT.value, "mode": MODE.value, "classes": task.num_classes}
 
 
+def harness_inputs():
+    """The harness's task index, with --harness_tasks checked against it (before any model
+    work)."""
+    try:
+        from jdistill import harness
+    except ImportError as e:
+        raise ValueError(f"--harness_tasks needs lm-evaluation-harness ({e}); install it with "
+                         "pip install -e \".[harness]\"") from None
+    manager = harness.task_manager(HARNESS_INCLUDE.value)
+    harness.check_tasks(manager, HARNESS_TASKS.value)
+    return manager
+
+
 def general(model, tokenizer, mesh, benchmarks: dict):
     return {name: evaluate.evaluate_mc(model, tokenizer, items, batch_size=BATCH_SIZE.value,
                                        mesh=mesh, max_length=MAX_LENGTH.value, progress=name)
@@ -156,6 +180,9 @@ def table(row) -> str:
     for name, r in m.get("general", {}).items():
         lines.append(f"  {name:<15} n={r['n']:<6} acc {r['acc']:.4f} ± {r['stderr']:.4f}  "
                      f"acc_norm {r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}")
+    for name, r in m.get("harness", {}).items():
+        lines.append(f"  harness {name:<12} " + "  ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     if "perplexity" in m:
         lines.append(f"  perplexity {m['perplexity']:.3f}  " + "  ".join(
             f"{k}: {v['perplexity']:.3f} ({v['tokens']} tok)"
@@ -178,17 +205,16 @@ def main(argv):
     benchmarks = {name: evaluate.load_benchmark(name, limit=GENERAL_LIMIT.value,
                                                 seed=SEED.value) for name in GENERAL.value}
     ppl_paths = [corpus_path(name) for name in PPL_FILES.value] if PERPLEXITY.value else []
+    harness_manager = harness_inputs() if HARNESS_TASKS.value else None
     model = jdistill.load_pretrained(MODEL.value, dtype=DTYPE.value, mesh=mesh)
     tokenizer = data.load_tokenizer(model.source_path, TOKENIZER.value)
     c = model.config
     metrics, info, paths, timings = {}, {}, {}, {}
     if task is not None:
         t = time.perf_counter()
-        r, preds, outputs = in_domain(model, tokenizer, mesh, task, examples)
-        metrics.update(_metrics(r))
+        scored = in_domain(model, tokenizer, mesh, task, examples)
+        metrics.update(_metrics(scored[0]))
         info = _info(task, examples)
-        if sharding.is_writer():  # every process computed the same metrics; one writes
-            paths = write_in_domain(out_dir, task, examples, r, preds, outputs)
         timings["in_domain"] = time.perf_counter() - t
     if benchmarks:
         t = time.perf_counter()
@@ -199,6 +225,20 @@ def main(argv):
         metrics["perplexity"], metrics["perplexity_by_file"] = perplexities(model, tokenizer,
                                                                             mesh, ppl_paths)
         timings["perplexity"] = time.perf_counter() - t
+    if harness_manager is not None:
+        from jdistill import harness
+
+        t = time.perf_counter()
+        lm = harness.JDistillLM.from_model(model, tokenizer, mesh=mesh,
+                                           batch_size=BATCH_SIZE.value,
+                                           max_length=MAX_LENGTH.value)
+        metrics["harness"] = harness.run_tasks(lm, HARNESS_TASKS.value,
+                                               manager=harness_manager,
+                                               limit=HARNESS_LIMIT.value)
+        timings["harness"] = time.perf_counter() - t
+    # writes only now, when every part has run
+    if task is not None and sharding.is_writer():  # every process has the same metrics
+        paths = write_in_domain(out_dir, task, examples, *scored)
     row = {
         **results.run_metadata(), "main": "evaluate",
         "model": {"path": MODEL.value, "params": c.num_params(), "dtype": model.dtype.name,
@@ -206,7 +246,8 @@ def main(argv):
                            "heads": c.num_heads, "kv_heads": c.num_kv_heads,
                            "layers": c.num_layers, "vocab": c.vocab_size}},
         "data": {**info, "general": GENERAL.value, "general_limit": GENERAL_LIMIT.value,
-                 "perplexity_files": PPL_FILES.value if PERPLEXITY.value else []},
+                 "perplexity_files": PPL_FILES.value if PERPLEXITY.value else [],
+                 "harness_tasks": HARNESS_TASKS.value, "harness_limit": HARNESS_LIMIT.value},
         "seed": SEED.value, "metrics": metrics, "outputs": paths,
         "devices": jax.device_count(), "timings_s": timings,
         "wall_time_s": time.perf_counter() - start,
@@ -214,6 +255,10 @@ def main(argv):
     if sharding.is_writer():
         results.append_row(out_dir / "results.jsonl", row)
         print(table(row))
+    with tracking.open_writer(common.LOGGERS.value, logdir=out_dir / "tensorboard",
+                              run=out_dir.resolve().name,
+                              config={"model": MODEL.value, **row["data"]}) as writer:
+        writer.summary(metrics)
 
 
 if __name__ == "__main__":

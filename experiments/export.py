@@ -5,7 +5,6 @@
 """
 
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

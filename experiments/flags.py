@@ -12,6 +12,9 @@ PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0-b
 HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout", 100, "seconds a process may go silent before the run is declared "
     "dead and every process exits (multi-process only)")
+LOGGERS = flags.DEFINE_list(
+    "loggers", ["tensorboard"], "experiment loggers: tensorboard (needs tensorboardX; "
+    "skipped without it), wandb (needs wandb; WANDB_PROJECT, WANDB_MODE=offline)")
 MESH = flags.DEFINE_string(
     "mesh", "data=1,fsdp=-1,tensor=1",
     "device mesh sizes over all devices of all processes; -1 takes the remaining devices "
@@ -19,8 +22,11 @@ MESH = flags.DEFINE_string(
 
 
 def setup():
-    """Joins a multi-process run if asked to, then builds the mesh from --mesh."""
-    from jdistill import sharding
+    """Checks --loggers, joins a multi-process run if asked to, then builds the mesh from
+    --mesh."""
+    from jdistill import sharding, tracking
+
+    tracking.check_backends(LOGGERS.value)
 
     try:
         joined = sharding.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value,

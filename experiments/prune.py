@@ -8,7 +8,6 @@ OUT/importance_step{k}.png and OUT/scores_step{k}.npz.
 """
 
 import time
-from pathlib import Path
 
 import jax
 import numpy as np

@@ -1,5 +1,7 @@
-"""The study's sweep: dataset size x compression ratio x supervision format x method x
-pruning schedule x seed, one results row per cell.
+"""The study's sweep: one results row per cell of data size x ratio x format x method x seed.
+
+The grid's axes: dataset size x compression ratio x supervision format x method x pruning
+schedule x seed.
 
   python -m experiments.sweep --out=runs/sweep --preset=paper
   python -m experiments.sweep --out=runs/sweep --ratios=1.5,2,4 --formats=label,blended \
@@ -28,7 +30,7 @@ from absl import app, flags
 
 from experiments import cli
 from experiments import flags as common
-from jdistill import pipeline, results, sweep
+from jdistill import pipeline, results, sweep, tracking
 
 OUT = flags.DEFINE_string("out", None, "sweep directory (rows/, cells/, results.jsonl)")
 PRESET = flags.DEFINE_enum("preset", None, sorted(sweep.PRESETS),
@@ -76,7 +78,7 @@ SETTINGS_PRESETS = {
                  seq_len=128, calib_samples=32, trace_max_new_tokens=24),
     "smoke": dict(eval_examples=16, general=("arc_easy",), general_limit=16,
                   correction_steps=2, correction_examples=32, correction_learning_rate=1e-4,
-                  steps=2, batch_size=2, seq_len=96, calib_samples=8, trace_max_new_tokens=8),
+                  steps=2, batch_size=2, seq_len=128, calib_samples=8, trace_max_new_tokens=8),
     "paper": dict(eval_examples=1000, general=("arc_easy", "arc_challenge", "hellaswag",
                                                "piqa", "boolq", "openbookqa", "mmlu"),
                   general_limit=500, correction_steps=300, correction_examples=4000,
@@ -200,7 +202,11 @@ def run_sweep(out: Path, g: sweep.Grid, s: pipeline.Settings, cells, *, mesh, lo
         log(f"[sweep] cell {i}/{len(todo)} {cell.id} (elapsed "
             f"{fmt_time(time.perf_counter() - start)}{eta})")
         t0 = time.perf_counter()
-        row = study.run_cell(cell, out / "cells" / cell.id)
+        with tracking.open_writer(common.LOGGERS.value, logdir=out / "cells" / cell.id / "logs",
+                                  run=cell.id, group=out.resolve().name,
+                                  config={**cell.as_dict(), **s.as_dict()}) as writer:
+            row = study.run_cell(cell, out / "cells" / cell.id, writer)
+            writer.summary(row["metrics"])
         sweep.write_row(out, cell.id, row)
         cell_times.append(time.perf_counter() - t0)
         m = row["metrics"]

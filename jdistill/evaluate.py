@@ -102,12 +102,13 @@ def bucket(n: int, multiple: int) -> int:
 # ------------------------------------------------------------------ core scoring
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8))
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
 def _choice_logliks(graphdef, state, ctx, ctx_mask, cont, choice, offset, n_choices,
-                    single_tokens):
+                    single_tokens, with_greedy):
     """ctx/ctx_mask [B, S] (left-padded, last token real); cont [B, T] the continuations of
     each context packed in one row, choice [B, T] their index (-1: padding), offset [B, T]
-    each token's position within its continuation -> summed log-prob of each [B, C] f32.
+    each token's position within its continuation -> (summed log-prob of each [B, C] f32,
+    and with `with_greedy` whether greedy decoding yields each [B, C] bool, else None).
     single_tokens: every continuation is one token (no second forward is needed)."""
     model = nnx.merge(graphdef, state)
     b, s = ctx.shape
@@ -128,7 +129,28 @@ def _choice_logliks(graphdef, state, ctx, ctx_mask, cont, choice, offset, n_choi
     _, nll = losses.fused_token_terms(predictors, model.unembed_weight(), targets=cont,
                                       chunk_size=LOGIT_CHUNK)
     picks = jax.nn.one_hot(choice, n_choices, dtype=jnp.float32)  # -1 -> all zeros
-    return -jnp.einsum("bt,btc->bc", jnp.where(mask, nll, 0.0), picks)
+    ll = -jnp.einsum("bt,btc->bc", jnp.where(mask, nll, 0.0), picks)
+    if not with_greedy:
+        return ll, None
+    missed = mask & ~greedy_tokens(predictors, model.unembed_weight(), cont)
+    return ll, jnp.einsum("bt,btc->bc", missed.astype(jnp.float32), picks) == 0
+
+
+def greedy_tokens(hidden, lm_head, targets, chunk_size: int = LOGIT_CHUNK):
+    """[B, T] bool: whether targets[b, t] is the argmax of hidden[b, t] @ lm_head (a tie
+    counts), the logits formed a chunk of positions at a time (no [B, T, V] array)."""
+    b, t, d = hidden.shape
+    c = max(1, min(t, chunk_size // max(b, 1)))
+    pad = (-t) % c
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d).swapaxes(0, 1)
+    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, c).swapaxes(0, 1)
+
+    def chunk(args):
+        h_c, y_c = args
+        logits = jnp.einsum("bcd,dv->bcv", h_c, lm_head, preferred_element_type=jnp.float32)
+        return jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0] >= logits.max(-1)
+
+    return jax.lax.map(chunk, (h, y)).swapaxes(0, 1).reshape(b, -1)[:, :t]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -156,7 +178,19 @@ def _split(model, mesh):
 
 def choice_logliks(model, requests, *, batch_size: int = 8, mesh=None, max_length=None,
                    pad_id: int = 0, progress: str | None = None) -> list[np.ndarray]:
-    """Summed log-likelihood of every continuation given its context.
+    """Summed log-likelihood of every continuation given its context: `choice_scores`
+    without the greedy flags."""
+    return [ll for ll, _ in choice_scores(model, requests, batch_size=batch_size, mesh=mesh,
+                                          max_length=max_length, pad_id=pad_id,
+                                          progress=progress)]
+
+
+def choice_scores(model, requests, *, batch_size: int = 8, mesh=None, max_length=None,
+                  pad_id: int = 0, progress: str | None = None, greedy: bool = False
+                  ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Summed log-likelihood of every continuation given its context, and (with `greedy`)
+    whether greedy decoding from the context produces it (the harness's `is_greedy`; one
+    more chunked lm-head pass).
 
     Args:
       model: a `Decoder`.
@@ -170,7 +204,8 @@ def choice_logliks(model, requests, *, batch_size: int = 8, mesh=None, max_lengt
       progress: a description to print progress under, or None for quiet.
 
     Returns:
-      one float64 array of log-likelihoods per request, one entry per continuation.
+      per request (float64 log-likelihoods, bool greedy flags or None), one entry per
+      continuation.
     """
     max_length = max_length or model.config.max_position_embeddings
     prepared = []
@@ -180,7 +215,7 @@ def choice_logliks(model, requests, *, batch_size: int = 8, mesh=None, max_lengt
         if not conts or any(len(c) == 0 for c in conts):
             raise ValueError(f"request {i}: a continuation tokenised to nothing")
         longest = max(len(c) for c in conts)
-        if longest >= max_length:
+        if longest > max_length:  # the last token is input but predicts nothing
             raise ValueError(f"request {i}: continuation of {longest} tokens does not fit "
                              f"max_length={max_length}")
         prepared.append((list(ctx)[-(max_length + 1 - longest):], [list(c) for c in conts]))
@@ -209,11 +244,13 @@ def choice_logliks(model, requests, *, batch_size: int = 8, mesh=None, max_lengt
                 offset[r, at:at + len(x)] = np.arange(len(x))
                 at += len(x)
         # to_host: a collective gather when the batch is split over several processes
-        ll = sharding_lib.to_host(_choice_logliks(graphdef, state, *_place(
-            (ctx, ctx_mask, cont, choice, offset), mesh), n_choices, single_tokens)
-        ).astype(np.float64)
+        ll, is_greedy = _choice_logliks(graphdef, state, *_place(
+            (ctx, ctx_mask, cont, choice, offset), mesh), n_choices, single_tokens, greedy)
+        ll = sharding_lib.to_host(ll).astype(np.float64)
+        is_greedy = None if is_greedy is None else sharding_lib.to_host(is_greedy)
         for r, i in enumerate(idx):
-            out[i] = ll[r, :len(prepared[i][1])]
+            k = len(prepared[i][1])
+            out[i] = (ll[r, :k], None if is_greedy is None else is_greedy[r, :k])
         bar.update(len(idx))
     return out
 

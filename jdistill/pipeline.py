@@ -242,7 +242,8 @@ class Study:
             teacher_dir=t_dir, cache_dir=self.cache / "traces", settings=settings,
             model=self.teacher() if fmt in ("cot", "blended") else None, log=self.log)
 
-    def _train(self, student, teacher, records, cfg, workdir, *, with_reasoning: bool):
+    def _train(self, student, teacher, records, cfg, workdir, *, with_reasoning: bool,
+               writer=None):
         tok = data.load_tokenizer(student.source_path)
         encoded = supervision.encode_records(tok, records, student.config,
                                              with_reasoning=with_reasoning)
@@ -259,7 +260,7 @@ class Study:
         every = 0 if cfg.steps < SHORT_RUN_STEPS else max(10, cfg.steps // 4)
         return train.train(student, teacher, batcher, cfg, workdir=workdir, mesh=self.mesh,
                            checkpoint_every=every, keep_checkpoints=1,
-                           log_every=max(1, cfg.steps // 5), log=self.log)
+                           log_every=max(1, cfg.steps // 5), log=self.log, writer=writer)
 
     def distill_config(self, cell: sweep.Cell, steps: int) -> train.DistillConfig:
         lora = cell.method == "lora"
@@ -269,19 +270,20 @@ class Study:
             warmup_steps=min(self.s.warmup_steps, steps - 1),
             lora_rank=self.s.lora_rank if lora else 0, lora_alpha=self.s.lora_alpha)
 
-    def distill(self, cell: sweep.Cell, student, records, workdir, steps: int):
+    def distill(self, cell: sweep.Cell, student, records, workdir, steps: int, writer=None):
         cfg = self.distill_config(cell, steps)
         teacher = self.teacher() if cfg.needs_teacher else None
         return self._train(student, teacher, records, cfg, workdir,
-                           with_reasoning=cell.format in ("cot", "blended"))
+                           with_reasoning=cell.format in ("cot", "blended"), writer=writer)
 
-    def student_for(self, cell: sweep.Cell, records, workdir: Path):
+    def student_for(self, cell: sweep.Cell, records, workdir: Path, writer=None):
         """(trained student, train seconds, tokens seen, final train metrics) for a cell: one-shot prunes once and
         distils `steps`; iterative prunes in `prune_steps` steps, re-scoring the current
         student and distilling steps/k after each (Minitron-style recovery in between)."""
         if cell.schedule == "one_shot":
             student = self._load_fresh(self.one_shot(cell.ratio))
-            r = self.distill(cell, student, records, workdir / "distill", self.s.steps)
+            r = self.distill(cell, student, records, workdir / "distill", self.s.steps,
+                             writer)
             return r.student, r.seconds, r.tokens_seen, r.final_metrics
         ratios = pruning.compression_schedule(cell.ratio, cell.prune_steps, "geometric")
         per_step = max(1, self.s.steps // len(ratios))
@@ -297,7 +299,9 @@ class Study:
             self.log(f"[prune] iterative step {k}/{len(ratios)}: ratio {target:.3g} -> "
                      f"{model.config.num_params():,} params")
             steps = per_step if k < len(ratios) else self.s.steps - per_step * (k - 1)
-            r = self.distill(cell, model, records, workdir / f"distill{k}", steps)
+            # one curve across the recovery steps: each continues the previous one's steps
+            r = self.distill(cell, model, records, workdir / f"distill{k}", steps,
+                             writer and writer.shifted(per_step * (k - 1)))
             model, seconds, tokens = r.student, seconds + r.seconds, tokens + r.tokens_seen
         return model, seconds, tokens, r.final_metrics
 
@@ -367,12 +371,14 @@ class Study:
 
     # ------------------------------------------------------------ a cell
 
-    def run_cell(self, cell: sweep.Cell, work_dir: Path) -> dict:
-        """Runs one cell (resuming its training checkpoints) and returns its results row."""
+    def run_cell(self, cell: sweep.Cell, work_dir: Path, writer=None) -> dict:
+        """Runs one cell (resuming its training checkpoints) and returns its results row;
+        training curves go to `writer` (a `tracking.Writer`) too."""
         start = time.perf_counter()
         examples = self.train_examples(cell.examples)
         records, trace_stats = self.records(cell.format, examples)
-        student, train_s, tokens, train_metrics = self.student_for(cell, records, Path(work_dir))
+        student, train_s, tokens, train_metrics = self.student_for(cell, records,
+                                                                   Path(work_dir), writer)
         teacher_params = self.teacher().config.num_params()
         n = student.config.num_params()
         metrics = self.evaluate(student, cell.id)

@@ -30,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jdistill import losses, results
+from jdistill import losses, results, tracking
 from jdistill import lora as lora_lib
 from jdistill import sharding as sharding_lib
 from jdistill.model import Decoder, stack_trees
@@ -283,13 +283,16 @@ class RunResult:
 
 def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig, *,
           workdir, mesh=None, checkpoint_every: int = 50, keep_checkpoints: int = 3,
-          log_every: int = 10, log: Callable[[str], None] = print) -> RunResult:
+          log_every: int = 10, log: Callable[[str], None] = print,
+          writer=None) -> RunResult:
     """Runs (or resumes) `cfg.steps` optimizer steps; returns the trained student model.
 
     workdir/checkpoints holds orbax checkpoints (the last `keep_checkpoints`, every
     `checkpoint_every` steps and at the end; 0: none, for runs cheaper to redo); workdir/
-    metrics.jsonl one line per logged step (and workdir/tensorboard event files when
-    tensorboardX is installed). Raises NonFiniteError naming the step when the
+    metrics.jsonl one line per logged step, also sent to `writer` (a `tracking.Writer`;
+    default: TensorBoard event files in workdir/tensorboard when tensorboardX is installed,
+    closed at the end — a writer passed in stays open). Raises NonFiniteError naming the
+    step when the
     loss or gradient is not finite; the last good checkpoint stays on disk.
     """
     workdir = Path(workdir)
@@ -331,7 +334,9 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
     start = int(state.step)
     tokens_per_step = batcher.rows_per_step * batcher.seq_len
     t0, metrics = time.perf_counter(), {}
-    board = _tensorboard(workdir / "tensorboard")
+    owned = writer is None
+    if owned:
+        writer = tracking.open_writer(tracking.DEFAULT, logdir=workdir / "tensorboard")
     for step in range(start, cfg.steps):
         batch = load_batch(step)
         state, metrics = step_fn(state, frozen, t_params, batch)
@@ -353,17 +358,15 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
             row = {"step": done, **{k: float(v) for k, v in metrics.items()},
                    "tokens_per_s": rate, "elapsed_s": elapsed}
             _append_metrics(workdir / "metrics.jsonl", row)
-            if board is not None:
-                for k, v in row.items():
-                    board.add_scalar(f"train/{k}", v, done)
+            writer.scalars(done, row, prefix="train")
             terms = " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()
                              if k in ("loss", "trace_kl", "trace_ce", "answer_kl", "answer_ce",
                                       "union_kl", "union_ce", "grad_norm"))
             log(f"step {done}/{cfg.steps} {terms} | {rate:,.0f} tok/s | ETA {eta:,.0f}s")
     if manager is not None:
         manager.wait_until_finished()
-    if board is not None:
-        board.close()
+    if owned:
+        writer.close()
     final = student_params(state.params, frozen, dataclasses.replace(cfg, lora_dropout=0.0))
     trained = nnx.merge(s_graphdef, final)
     if getattr(student, "source_path", None):
@@ -491,17 +494,6 @@ def _spans(rows) -> str:
             out.append(f"{start}-{r}" if r != start else f"{r}")
             start = None
     return ",".join(out)
-
-
-def _tensorboard(logdir: Path):
-    """A TensorBoard writer when tensorboardX is installed (optional), on process 0 only."""
-    if jax.process_index() != 0:
-        return None
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(logdir))
 
 
 def _append_metrics(path: Path, row: dict):

@@ -147,6 +147,10 @@ CASES = [
     ("missing required flag", "distill", [a for a in DISTILL if not a.startswith("--student")],
      r"--student"),
     ("unknown flag", "evaluate", _with(EVALUATE, "--colour=blue"), r"colour"),
+    ("unknown logger", "distill", _with(DISTILL, "--loggers=tensorboard,mlflow"),
+     r"unknown logger\(s\) \['mlflow'\]"),
+    ("unknown harness task", "evaluate", _with(EVALUATE, "--task=", "--harness_tasks=nope_task"),
+     r"unknown lm-evaluation-harness task\(s\) \['nope_task'\]"),
 ]
 
 
