@@ -34,6 +34,7 @@ the optimizer.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -391,6 +392,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     from jdistill import train
 
+    if importlib.util.find_spec("torch") is None:  # the baseline: a test-extra package
+        raise ValueError("the benchmark's baseline is PyTorch: pip install torch==2.13.0 "
+                         "transformers (or pip install -e \".[test]\")")
     preset = PRESETS[PRESET.value]
     t_dims = parse_dims(TEACHER_DIMS.value, preset["teacher"])
     s_dims = parse_dims(STUDENT_DIMS.value, preset["student"])

@@ -126,7 +126,8 @@ def usage() -> str:
     lines = ["usage: jdistill COMMAND [--flag=value ...]   (jdistill COMMAND --help: its flags)",
              "", "commands:"]
     lines += [f"  {name.replace('_', '-'):<{width}}  {summary(name)}" for name in MAINS]
-    lines += ["", "Each command is also `python -m experiments.COMMAND` (e.g. experiments.import_gguf)."]
+    lines += ["", "Each command is also `python -m experiments.COMMAND` "
+              "(e.g. experiments.import_gguf)."]
     return "\n".join(lines)
 
 

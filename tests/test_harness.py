@@ -142,20 +142,49 @@ metric_list:
     return root
 
 
+def _rolling_and_generate_tasks(root):
+    """Local YAML tasks of the two other request kinds: perplexity (rolling log-likelihood)
+    and generation with a stop sequence, scored by exact match."""
+    docs = [{"text": "the quick brown fox jumps over the lazy dog " * k, "q": q, "a": a}
+            for k, q, a in [(3, "the quick", "brown"), (9, "markets rally", "as"),
+                            (1, "the fed", "holds")]]
+    (root / "text.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    data_block = ("dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                  f"    test: {root / 'text.jsonl'}\ntest_split: test\n")
+    (root / "tiny_ppl.yaml").write_text(
+        "task: tiny_ppl\n" + data_block + "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n")
+    (root / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\n" + data_block + "output_type: generate_until\n"
+        'doc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n'
+        "generation_kwargs:\n  until: [\"fox\", \"\\n\"]\n  max_gen_toks: 10\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+    return root
+
+
 def test_local_yaml_task_acc_equals_hflm(pair, tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 
     ours, ref, _ = pair
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
-    manager = TaskManager(include_path=str(_mc_task(tmp_path)))
-    results = [lm_eval.simple_evaluate(model=m, tasks=["tiny_mc"], task_manager=manager,
+    manager = TaskManager(include_path=str(_rolling_and_generate_tasks(_mc_task(tmp_path))))
+    names = ["tiny_mc", "tiny_ppl", "tiny_gen"]
+    results = [lm_eval.simple_evaluate(model=m, tasks=names, task_manager=manager,
                                        log_samples=True)
                for m in (ours, ref)]
     a, b = (r["results"]["tiny_mc"] for r in results)
     assert a["acc,none"] == b["acc,none"] and a["acc_norm,none"] == b["acc_norm,none"]
+    a, b = (r["results"]["tiny_ppl"] for r in results)
+    assert a["word_perplexity,none"] == pytest.approx(b["word_perplexity,none"], rel=1e-4)
+    assert a["byte_perplexity,none"] == pytest.approx(b["byte_perplexity,none"], rel=1e-4)
+    gens = [[s["resps"][0][0] for s in r["samples"]["tiny_gen"]] for r in results]
+    assert gens[0] == gens[1] and len(gens[0]) == 3
+    assert results[0]["results"]["tiny_gen"]["exact_match,none"] == \
+        results[1]["results"]["tiny_gen"]["exact_match,none"]
     # per-choice log-likelihoods, as each model answered the harness's requests
-    la, lb = ([float(resp[0][0]) for sample in r["samples"]["tiny_mc"] for resp in sample["resps"]]
-              for r in results)
+    la, lb = ([float(resp[0][0]) for sample in r["samples"]["tiny_mc"]
+               for resp in sample["resps"]] for r in results)
     assert len(la) == 12
     np.testing.assert_allclose(la, lb, atol=1e-4, rtol=0)
 

@@ -140,10 +140,16 @@ def make_study_inputs(root: Path):
 def test_tiny_sweep_writes_rows_and_resumes(tmp_path):
     args = [sys.executable, "-m", "experiments.sweep", f"--out={tmp_path}/s",
             *make_study_inputs(tmp_path), "--ratios=2", "--formats=label,blended",
-            "--methods=full", "--schedules=one_shot", "--examples=8", "--design=factorial"]
-    env = _env(tmp_path / "cache")
+            "--methods=full", "--schedules=one_shot", "--examples=8", "--design=factorial",
+            "--loggers=tensorboard,wandb"]
+    env = {**_env(tmp_path / "cache"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     first = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
+    # one W&B run and one TensorBoard log per cell
+    for cell in ("r2-label-full-oneshot-n8-s0", "r2-blended-full-oneshot-n8-s0"):
+        logs = tmp_path / "s" / "cells" / cell / "logs"
+        assert len(list(logs.glob("wandb/offline-run-*/run-*.wandb"))) == 1, cell
+        assert list(logs.glob("events.out.tfevents.*")), cell
     rows = [json.loads(l) for l in (tmp_path / "s/results.jsonl").read_text().splitlines()]
     mains = sorted(r["main"] for r in rows)
     assert mains == ["sweep_cell", "sweep_cell", "sweep_teacher", "sweep_teacher_original"]
