@@ -21,8 +21,7 @@ from absl import flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import data, packing, results, supervision, train
-from jdistill.pruning import report
+from jdistill import checkpoint, data, packing, results, supervision, train
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory or .gguf of the teacher")
 DATA = flags.DEFINE_string("data", None, "task records (.jsonl: prompt, answer[, reasoning])")
@@ -50,11 +49,8 @@ def correction_key(teacher_dir: Path, data_file: Path, settings: dict) -> str:
 def main(argv):
     del argv
     mesh = common.setup()
-    teacher_dir = Path(TEACHER.value)
-    if teacher_dir.suffix.lower() == ".gguf":
-        from jdistill import gguf
-        teacher_dir = gguf.cached_import(teacher_dir)
     out = cli.output_dir(OUT.value)
+    teacher_dir = checkpoint.resolve(TEACHER.value)
     settings = {"format": FORMAT.value, "steps": STEPS.value, "batch_size": BATCH_SIZE.value,
                 "seq_len": SEQ_LEN.value, "learning_rate": LEARNING_RATE.value,
                 "warmup_steps": WARMUP.value, "lora_rank": LORA_RANK.value, "seed": SEED.value,
@@ -79,7 +75,7 @@ def main(argv):
     result = train.train(model, None, batcher, cfg, workdir=workdir, mesh=mesh)
     if jax.process_index() == 0:
         jdistill.save_pretrained(result.student, out)
-        report.atomic_write_json(done, {
+        results.atomic_write_json(done, {
             **results.run_metadata(), "key": key, "teacher": str(teacher_dir),
             "data": DATA.value, "examples": len(records), "settings": settings,
             "final_metrics": result.final_metrics, "seconds": result.seconds})

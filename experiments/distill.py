@@ -23,7 +23,7 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import data, losses, packing, results, supervision, tracking, train
+from jdistill import checkpoint, data, losses, packing, results, supervision, tracking, train
 from jdistill.config import load_hf_config
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
@@ -164,10 +164,7 @@ def main(argv):
 
 def teacher_dir(path: str | None) -> Path | None:
     """The teacher's HF directory (a .gguf file is converted once, into the cache)."""
-    if path is None or not path.lower().endswith(".gguf"):
-        return None if path is None else Path(path)
-    from jdistill import gguf
-    return gguf.cached_import(path)
+    return None if path is None else checkpoint.resolve(path)
 
 
 def tokenizer_for(*dirs):

@@ -121,7 +121,7 @@ def write_in_domain(out_dir, task, examples, r, preds, outputs) -> dict:
                          "pred": task.label_names[p] if p >= 0 else None,
                          **({"output": outputs[i]} if outputs else {})}, ensure_ascii=False)
              for i, ((t, y), p) in enumerate(zip(examples, preds))]
-    paths["predictions"] = str(evaluate.atomic_write(
+    paths["predictions"] = str(results.atomic_write(
         Path(out_dir) / f"predictions_{stem}.jsonl", ("\n".join(lines) + "\n").encode()))
     return paths
 

@@ -24,6 +24,7 @@ from absl import app, flags
 from experiments import cli
 import numpy as np
 
+from jdistill import results
 from jdistill import scaling as sc
 
 FLAGS = flags.FLAGS
@@ -174,7 +175,7 @@ def plots(law, result, boot, x, y, out: Path, ylabel: str = "y") -> list[str]:
     ax.set_xlabel("predicted")
     ax.set_ylabel("observed")
     ax.set_title("observed vs predicted")
-    sc.atomic_write(out / "fit.png", _fig_bytes(fig))
+    results.atomic_write(out / "fit.png", _fig_bytes(fig))
     plt.close(fig)
     files.append("fit.png")
 
@@ -191,7 +192,7 @@ def plots(law, result, boot, x, y, out: Path, ylabel: str = "y") -> list[str]:
             ax.set_xscale("log")
         ax.set_xlabel(n)
     axes[0].set_ylabel(f"{result.residual_kind} residual (dotted: +-delta)")
-    sc.atomic_write(out / "residuals.png", _fig_bytes(fig))
+    results.atomic_write(out / "residuals.png", _fig_bytes(fig))
     plt.close(fig)
     files.append("residuals.png")
 
@@ -220,7 +221,7 @@ def plots(law, result, boot, x, y, out: Path, ylabel: str = "y") -> list[str]:
         ax.set_title(f"{law.name}: iso-y contours of the fit" +
                      (" (group 0)" if "group" in x else ""))
         ax.legend(fontsize=7)
-        sc.atomic_write(out / "contours.png", _fig_bytes(fig))
+        results.atomic_write(out / "contours.png", _fig_bytes(fig))
         plt.close(fig)
         files.append("contours.png")
     return files
@@ -327,8 +328,8 @@ def run(argv_unused=None) -> dict:
                      "outlier_mad": FLAGS.outlier_mad, "drop_nonfinite": FLAGS.drop_nonfinite,
                      "holdout_frac": FLAGS.holdout_frac, "wall_s": round(time.time() - t0, 3)},
     }
-    sc.atomic_write(out / "fit.json", json.dumps(report, indent=2, default=_json_default))
-    sc.atomic_write(out / "fit.md", markdown(report))
+    results.atomic_write(out / "fit.json", json.dumps(report, indent=2, default=_json_default))
+    results.atomic_write(out / "fit.md", markdown(report))
     return report
 
 

@@ -18,7 +18,7 @@ from absl import app, flags
 
 from experiments import cli
 
-from jdistill import scaling as sc
+from jdistill import results
 from jdistill import study as sd
 
 FLAGS = flags.FLAGS
@@ -90,7 +90,7 @@ def main(argv):
     if FLAGS.out:
         out = Path(FLAGS.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        sc.atomic_write(out, json.dumps(p, indent=1))
+        results.atomic_write(out, json.dumps(p, indent=1))
     print(text(p))
 
 

@@ -16,7 +16,7 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import data, pruning, sharding
+from jdistill import data, pruning, results, sharding
 from jdistill.pruning import report
 
 MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory of the model to prune")
@@ -147,7 +147,7 @@ def main(argv):
                         "seq_len": SEQ_LEN.value, "tokens": n_tokens},
         "steps": steps, "seconds": time.perf_counter() - start,
     }
-    report.atomic_write_json(out / "pruning_report.json", result)
+    results.atomic_write_json(out / "pruning_report.json", result)
     print(f"pruned {teacher_params:,} -> {student.config.num_params():,} params "
           f"(compression {result['compression_ratio']:.3f}) in {result['seconds']:.1f}s; "
           f"wrote {out}")

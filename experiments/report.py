@@ -21,7 +21,7 @@ from absl import app, flags
 from experiments import cli
 import numpy as np
 
-from jdistill import scaling as sc
+from jdistill import results
 from jdistill import study as sd
 
 FLAGS = flags.FLAGS
@@ -49,11 +49,11 @@ def write_report(results_path, out_dir, *, n_boot: int = 200, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)  # only now: malformed rows write nothing
     plots = render_plots(an, out)
     summary = {**sd.summary(an), "plots": plots}
-    sc.atomic_write(out / "fits.json", json.dumps(summary, indent=1))
+    results.atomic_write(out / "fits.json", json.dumps(summary, indent=1))
     path = out / "report.md"
     # relative: the report folder stays readable when it moves with its results
     source = os.path.relpath(Path(results_path).resolve(), out.resolve())
-    sc.atomic_write(path, markdown(an, summary, plots, source=source))
+    results.atomic_write(path, markdown(an, summary, plots, source=source))
     return path
 
 
@@ -93,7 +93,7 @@ def render_plots(an: sd.Analysis, out: Path) -> list[str]:
             ax.set_xlabel("compression ratio r (teacher / student params)")
         axes[0][0].set_ylabel(label)
         axes[0][-1].legend(fontsize=7, loc="best")
-        sc.atomic_write(out / name, _png(fig))
+        results.atomic_write(out / name, _png(fig))
         plt.close(fig)
         files.append(name)
     comp = [(f, p) for f in an.findings if f["id"] != "smooth_degradation"
@@ -115,7 +115,7 @@ def render_plots(an: sd.Analysis, out: Path) -> list[str]:
         ax.invert_yaxis()
         ax.set_xlabel(f"mean paired difference (bars: +-{sd.Z:g} stderr)")
         ax.set_title("matched-cell comparisons")
-        sc.atomic_write(out / "comparisons.png", _png(fig))
+        results.atomic_write(out / "comparisons.png", _png(fig))
         plt.close(fig)
         files.append("comparisons.png")
     return files

@@ -26,7 +26,7 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import data, supervision
+from jdistill import checkpoint, data, supervision
 from jdistill.config import load_hf_config
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
@@ -56,10 +56,7 @@ flags.mark_flags_as_required(["teacher", "data", "mode", "out"])
 
 def teacher_dir(path: str) -> Path:
     """The teacher's HF directory (a .gguf file is converted once, into the cache)."""
-    if path.lower().endswith(".gguf"):
-        from jdistill import gguf
-        return gguf.cached_import(path)
-    return Path(path)
+    return checkpoint.resolve(path)
 
 
 def cache_dir() -> Path:

@@ -116,6 +116,18 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     return {name: single for name in SafetensorsFile(single).tensors}
 
 
+def resolve(path) -> Path:
+    """The HF checkpoint directory for `path`: itself, or for a llama.cpp .gguf file the
+    directory it is converted into once (under $JDISTILL_CACHE/gguf). The one place a
+    .gguf path becomes a checkpoint."""
+    path = Path(path)
+    if path.suffix.lower() != ".gguf":
+        return path
+    from jdistill import gguf  # gguf imports this module
+
+    return gguf.cached_import(path)
+
+
 def load_pretrained(path, *, dtype=None, mesh=None) -> Decoder:
     """Loads a local HF checkpoint directory into a `Decoder` (with `.config`).
 
@@ -128,10 +140,7 @@ def load_pretrained(path, *, dtype=None, mesh=None) -> Decoder:
       mesh: a `jax.sharding.Mesh`; each tensor is placed straight into its sharding from
         `sharding.RULES`. None places everything on the default device.
     """
-    path = Path(path)
-    if path.suffix.lower() == ".gguf":  # llama.cpp file: convert once into the cache dir
-        from jdistill import gguf
-        path = gguf.cached_import(path)
+    path = resolve(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist; pass a local "
                                 "directory holding config.json and *.safetensors")

@@ -649,9 +649,6 @@ def perplexity(model, tokenizer, text: str, *, window: int = 512, stride: int = 
 # ------------------------------------------------------------------ outputs
 
 
-atomic_write = results.atomic_write  # kept under this name for callers
-
-
 def save_confusion(cm: np.ndarray, label_names, out_dir, stem: str = "confusion") -> dict:
     """OUT/stem.json (labels + counts), .npy and .png (row-normalised colours, counts
     written in the cells). Returns the paths."""
@@ -664,12 +661,12 @@ def save_confusion(cm: np.ndarray, label_names, out_dir, stem: str = "confusion"
     out_dir = Path(out_dir)
     paths = {"json": out_dir / f"{stem}.json", "npy": out_dir / f"{stem}.npy",
              "png": out_dir / f"{stem}.png"}
-    atomic_write(paths["json"], json.dumps({"labels": list(label_names), "rows": "true label",
-                                            "columns": "predicted label",
-                                            "counts": cm.tolist()}, indent=1).encode())
+    results.atomic_write(paths["json"], json.dumps(
+        {"labels": list(label_names), "rows": "true label", "columns": "predicted label",
+         "counts": cm.tolist()}, indent=1))
     buf = io.BytesIO()
     np.save(buf, cm)
-    atomic_write(paths["npy"], buf.getvalue())
+    results.atomic_write(paths["npy"], buf.getvalue())
     k = len(label_names)
     size = max(6.0, 0.35 * k + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -687,5 +684,5 @@ def save_confusion(cm: np.ndarray, label_names, out_dir, stem: str = "confusion"
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    atomic_write(paths["png"], buf.getvalue())
+    results.atomic_write(paths["png"], buf.getvalue())
     return {k: str(v) for k, v in paths.items()}

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 import jdistill
-from jdistill import (data, evaluate, formats, packing, pruning, results, supervision, sweep,
-                      tasks, train)
+from jdistill import (checkpoint, data, evaluate, formats, packing, pruning, results,
+                      supervision, sweep, tasks, train)
 from jdistill.pruning import report as prune_report
 
 
@@ -105,10 +105,7 @@ class Study:
 
     @property
     def original_teacher_dir(self) -> Path:
-        t = Path(self.s.teacher)
-        if t.suffix.lower() == ".gguf":
-            from jdistill import gguf
-            return gguf.cached_import(t)
+        t = checkpoint.resolve(self.s.teacher)
         if not (t / "config.json").exists():
             raise FileNotFoundError(f"teacher {t}: no config.json; give an HF checkpoint "
                                     "directory or a .gguf file")
@@ -156,7 +153,7 @@ class Study:
             run_dir = self.cache / f"teacher-{key[:16]}.run"
             result = self._train(model, None, records, cfg, run_dir, with_reasoning=False)
             jdistill.save_pretrained(result.student, tmp / "model")
-            prune_report.atomic_write_json(tmp / "correction.json", {
+            results.atomic_write_json(tmp / "correction.json", {
                 "teacher": str(original), "examples": len(examples), "settings": settings,
                 "final_metrics": result.final_metrics, "seconds": result.seconds})
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -352,7 +349,7 @@ class Study:
         def build(tmp):
             model = self._load(t_dir)
             label = "teacher" if corrected else "original teacher"
-            prune_report.atomic_write_json(tmp / "metrics.json", {
+            results.atomic_write_json(tmp / "metrics.json", {
                 "params": model.config.num_params(), "metrics": self.evaluate(model, label)})
 
         done = json.loads((sweep.cached_stage(self.cache, "teacher_eval", key, build, self.log)

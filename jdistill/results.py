@@ -34,22 +34,44 @@ def run_metadata() -> dict:
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def atomic_write(path, data: str | bytes) -> Path:
-    """Writes `data` to `path` via a temp file in the same directory, fsync and rename: a
-    crash leaves the old file or none, never half of the new one."""
+def atomic_write_with(path, write) -> Path:
+    """Calls `write(tmp_path)` on a temp file beside `path`, fsyncs it and renames it into
+    place: a crash or an error leaves the old file or none, never half of the new one (and
+    no temp file). The one atomic writer: every file a main produces goes through it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write(path, data: str | bytes) -> Path:
+    """Writes `data` (text as UTF-8) to `path` atomically (`atomic_write_with`)."""
+    if not isinstance(data, (str, bytes)):
+        raise TypeError(f"atomic_write takes str or bytes, got {type(data).__name__}")
+    raw = data.encode() if isinstance(data, str) else data
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(raw)
+
+    return atomic_write_with(path, write)
+
+
+def atomic_write_json(path, obj, indent: int = 2) -> Path:
+    """`obj` as JSON, atomically."""
+    return atomic_write(path, json.dumps(obj, indent=indent))
 
 
 def append_row(path, row: dict) -> None:

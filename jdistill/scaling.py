@@ -32,7 +32,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -977,21 +976,3 @@ def parse_points(spec: str) -> list[dict[str, float]]:
         points.append(point)
     return points
 
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write to a temp file in the same directory, then os.replace (no half-written files)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

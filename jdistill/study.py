@@ -255,11 +255,6 @@ def _common(values) -> float:
     return float(np.median(v)) if v else math.nan
 
 
-def load_rows(path) -> list[dict]:
-    """Every JSON object of a results JSONL file, in order (blank lines skipped)."""
-    return [row for _, row in _numbered_rows(path)]
-
-
 def _numbered_rows(path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.exists():

@@ -37,8 +37,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -48,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill import data
+from jdistill import data, results
 from jdistill.generate import generate
 
 DEFAULT_RECIPE = "{prompt}\nThink step by step, then give the label.\n"
@@ -74,32 +72,6 @@ def _bucket(n: int, cap: int | None = None, floor: int = 16) -> int:
     compilations, at under 2x padding."""
     b = max(floor, 1 << max(0, n - 1).bit_length())
     return b if cap is None else min(b, cap)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]):
-    """Calls write(tmp_name) on a temp file beside `path`, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    _atomic_write(path, write)
 
 
 def _to_host(x) -> np.ndarray:
@@ -221,10 +193,11 @@ def write_traces(path, records: list[dict], settings: TraceSettings, *, key: str
     beside it, STEM.meta.json with the settings, model and cache key. Both atomically; the
     metadata goes last, so it marks a complete file."""
     path = Path(path)
-    _write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    results.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                       for r in records))
     meta = {"format": TRACE_FORMAT, "key": key, "model": model, "count": len(records),
             "settings": dataclasses.asdict(settings)}
-    _write_text(_meta_path(path), json.dumps(meta, indent=2))
+    results.atomic_write(_meta_path(path), json.dumps(meta, indent=2))
     return path
 
 
@@ -462,7 +435,7 @@ def save_topk(path, cache: TopkCache) -> Path:
                "offsets": np.ascontiguousarray(cache.offsets, np.int64),
                "starts": np.ascontiguousarray(cache.starts, np.int64)}
     metadata = {"jdistill": json.dumps(meta)}  # safetensors metadata is str -> str
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    results.atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

@@ -187,10 +187,6 @@ def write_row(out_dir, cell_id: str, row: dict) -> Path:
     return results.atomic_write(row_file(out_dir, cell_id), json.dumps(row) + "\n")
 
 
-def read_row(out_dir, cell_id: str) -> dict:
-    return json.loads(row_file(out_dir, cell_id).read_text())
-
-
 def merge_rows(out_dir) -> tuple[Path, int]:
     """OUT/rows/*.jsonl -> OUT/results.jsonl (sorted by file name; rewritten atomically)."""
     lines = []
@@ -213,14 +209,6 @@ def merge_rows(out_dir) -> tuple[Path, int]:
 def stage_key(**inputs) -> str:
     """A digest of a stage's inputs (JSON-able values; files enter by their identity)."""
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cached_stage(cache_dir, kind: str, key: str, build, log=print) -> Path:

@@ -443,12 +443,6 @@ def to_records(task: TaskSpec, examples: list) -> list[dict]:
             for text, label in examples]
 
 
-def class_counts(task: TaskSpec, examples: list) -> dict:
-    """label name -> count (for logs and reports)."""
-    counts = collections.Counter(label for _, label in examples)
-    return {name: counts.get(i, 0) for i, name in enumerate(task.label_names)}
-
-
 def write_records(path, records: list[dict]) -> Path:
     """Writes records as JSONL atomically (temp file + rename)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

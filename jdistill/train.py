@@ -18,7 +18,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -511,7 +510,5 @@ def _truncate_metrics(path: Path, step: int):
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    results.atomic_write(path, "".join(line + "\n" for line in keep))
 

@@ -14,6 +14,7 @@ import pytest
 from scipy import integrate
 
 from jdistill import data as data_lib
+from jdistill import results
 from jdistill import scaling as sc
 
 # the shipped reference data: these tests always run (a missing file is a failure)
@@ -365,9 +366,9 @@ def test_parse_points():
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     p = tmp_path / "fit.json"
-    sc.atomic_write(p, '{"ok": 1}')
+    results.atomic_write(p, '{"ok": 1}')
     assert json.loads(p.read_text()) == {"ok": 1}
     with pytest.raises(TypeError):
-        sc.atomic_write(p, 12345)  # not str/bytes: fails mid-write
+        results.atomic_write(p, 12345)  # not str/bytes: fails mid-write
     assert json.loads(p.read_text()) == {"ok": 1}
     assert os.listdir(tmp_path) == ["fit.json"]  # no temp file left behind

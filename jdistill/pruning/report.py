@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from jdistill import results
+
 
 def save_scores(path, scores: dict) -> None:
     """Writes scores (a dict of arrays) to an .npz file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
             np.savez(f, **{k: np.asarray(v) for k, v in scores.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    results.atomic_write_with(path, write)
 
 
 def load_scores(path) -> dict:
@@ -68,15 +63,3 @@ def plot_scores(scores: dict, path, title: str = "importance") -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_json(path, obj) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
