@@ -331,14 +331,6 @@ def _jnp_dtype(np_dtype):
     return DTYPES[name]
 
 
-def _to_host(x) -> np.ndarray:
-    """Whole array on this host; gathers across processes for multi-host shardings."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def save_pretrained(model: Decoder, path, *, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Writes config.json + safetensors that `transformers` loads, atomically.
 
@@ -362,7 +354,7 @@ def save_pretrained(model: Decoder, path, *, max_shard_bytes: int = 2 * 1024**3)
         for k, names in enumerate(shards):
             fname = SINGLE_FILE if len(shards) == 1 else \
                 f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {n: to_hf(_to_host(by_name[n][1]), by_name[n][0]) for n in names}
+            tensors = {n: to_hf(sharding_lib.to_host(by_name[n][1]), by_name[n][0]) for n in names}
             if writer:
                 save_file(tensors, tmp / fname, metadata={"format": "pt"})
             weight_map.update({n: fname for n in names})

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill import data, results
+from jdistill import data, results, sharding
 from jdistill.generate import generate
 
 DEFAULT_RECIPE = "{prompt}\nThink step by step, then give the label.\n"
@@ -72,13 +72,6 @@ def _bucket(n: int, cap: int | None = None, floor: int = 16) -> int:
     compilations, at under 2x padding."""
     b = max(floor, 1 << max(0, n - 1).bit_length())
     return b if cap is None else min(b, cap)
-
-
-def _to_host(x) -> np.ndarray:
-    if jax.process_count() > 1:  # a global array spans hosts: gather it everywhere
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def _eta(done: int, total: int, elapsed: float) -> str:
@@ -379,7 +372,6 @@ def compute_topk(teacher, encoded: list, *, k: int, seq_len: int, batch_size: in
         raise ValueError("no examples to compute top-k for")
     graphdef, state = nnx.split(teacher)
     if mesh is not None:
-        from jdistill import sharding
         state = sharding.shard_state(state, mesh)
     ranges = [supervised_range(ids, segs, seq_len, skip_prompt) for ids, segs in encoded]
     order = sorted(range(len(encoded)), key=lambda i: -ranges[i][1])
@@ -398,11 +390,10 @@ def compute_topk(teacher, encoded: list, *, k: int, seq_len: int, batch_size: in
             tokens[r, :m], mask[r, :m] = np.asarray(encoded[i][0][:m]), True
         mask[:, 0] = True  # an all-padding row still needs one key to attend to
         if mesh is not None:
-            from jdistill import sharding
             tokens, mask = sharding.shard_batch(tokens, mesh), sharding.shard_batch(mask, mesh)
         chunk = max(1, chunk_tokens // batch_size)
         vals, idx = _teacher_topk(graphdef, state, tokens, mask, k, chunk)
-        vals, idx = _to_host(vals), _to_host(idx)
+        vals, idx = sharding.to_host(vals), sharding.to_host(idx)
         for r, i in enumerate(rows):
             start, m = ranges[i]
             per_lp[i] = np.maximum(vals[r, start:m], F16_MIN).astype(np.float16)
