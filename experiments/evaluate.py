@@ -122,7 +122,7 @@ def write_in_domain(out_dir, task, examples, r, preds, outputs) -> dict:
                          **({"output": outputs[i]} if outputs else {})}, ensure_ascii=False)
              for i, ((t, y), p) in enumerate(zip(examples, preds))]
     paths["predictions"] = str(results.atomic_write(
-        Path(out_dir) / f"predictions_{stem}.jsonl", ("\n".join(lines) + "\n").encode()))
+        Path(out_dir) / f"predictions_{stem}.jsonl", "\n".join(lines) + "\n"))
     return paths
 
 

@@ -19,11 +19,10 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags
 
 from experiments import cli
-import numpy as np
-
 from jdistill import results
 from jdistill import scaling as sc
 
@@ -308,7 +307,6 @@ def run(argv_unused=None) -> dict:
                 lo, hi = boot.predict_interval(px)
                 entry["interval"] = [float(lo[0]), float(hi[0])]
             predictions.append(entry)
-    out.mkdir(parents=True, exist_ok=True)  # only now: bad input above writes nothing
     files = plots(law, result, boot, x, y, out, ylabel=str(prov.get("y", "y")))
     report = {
         "law": law.name, "formula": law.formula, "columns": prov,

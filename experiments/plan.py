@@ -17,7 +17,6 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments import cli
-
 from jdistill import results
 from jdistill import study as sd
 
@@ -89,7 +88,6 @@ def main(argv):
                 formats=FLAGS.formats, conservative=FLAGS.conservative)
     if FLAGS.out:
         out = Path(FLAGS.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         results.atomic_write(out, json.dumps(p, indent=1))
     print(text(p))
 

@@ -16,11 +16,10 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags
 
 from experiments import cli
-import numpy as np
-
 from jdistill import results
 from jdistill import study as sd
 
@@ -46,7 +45,6 @@ def write_report(results_path, out_dir, *, n_boot: int = 200, seed: int = 0,
     out = Path(out_dir)
     an = sd.analyze(sd.load_study(results_path), method=method, schedule=schedule,
                     n_boot=n_boot, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)  # only now: malformed rows write nothing
     plots = render_plots(an, out)
     summary = {**sd.summary(an), "plots": plots}
     results.atomic_write(out / "fits.json", json.dumps(summary, indent=1))

@@ -18,10 +18,10 @@ or `zeroshot/twitter-financial-news-topic`, or a `save_to_disk` folder — with 
 (label names from its ClassLabel feature). `get_task` takes any of these.
 
 Readers (why two): HF `datasets` reads hub data and its own folders; our CSV / JSONL readers
-stay for plain files because they return every CSV field as the exact string in the file
-(`datasets`' CSV builder goes through pandas, whose type inference turns "NA" headlines into
-NaN and "007" labels into 7 unless every column's features are spelled out) and write no
-Arrow cache under ~/.cache for each file read.
+stay for plain files because they return every field as the exact string in the file, number
+the failing row in their errors, and write no Arrow cache under ~/.cache for each file read
+(`datasets`' CSV builder needs `keep_default_na=False` to keep an "NA" headline; see
+BUILD_NOTES, issue 15).
 
 Prompt choice (why): prompts are short plain text ending in "Topic:" and the answer is
 " <label name>". The label names are *not* listed by default: for 35 classes the list costs
@@ -210,29 +210,29 @@ def task_from_file(path, label_names=None, *, split: str = "test", name: str | N
 
 def infer_label_names(paths, label_field: str = "label") -> tuple:
     """Sorted distinct labels of the files; integer labels cannot name themselves."""
-    def values():
+    def labels():
         for p in paths:
             for i, row in enumerate(read_rows(p), 1):
                 if label_field not in row:
                     raise ValueError(f"{p} row {i}: no {label_field!r} column (columns: "
                                      f"{sorted(row)}); pass label_field=")
-                yield row[label_field]
+                yield f"{p} row {i}", row[label_field]
 
-    return label_names_of(values(), [str(p) for p in paths])
+    return label_names_of(labels(), [str(p) for p in paths])
 
 
-def label_names_of(values, where) -> tuple:
-    """Sorted distinct string labels of `values` (from `where`, for errors); an integer
-    label cannot name itself."""
+def label_names_of(labels, source) -> tuple:
+    """Sorted distinct string labels of the (where, label) pairs (`where` names the row in
+    errors; `source`, the data, when there is none); an integer label cannot name itself."""
     seen = set()
-    for v in values:
+    for where, v in labels:
         if isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().isdigit()):
             raise ValueError(f"{where}: label {v!r} is an integer index; pass label_names "
                              "(the class names in index order, e.g. --label_names=names.txt "
                              "with one name a line)")
         seen.add(str(v).strip())
     if not seen:
-        raise ValueError(f"no labels in {where}")
+        raise ValueError(f"no labels in {source}")
     return tuple(sorted(seen))
 
 
@@ -296,9 +296,10 @@ def task_from_hf(source, *, splits=None, label_names=None, text_field: str | Non
     if label_names is None:
         names = getattr(features[label_field], "names", None)  # a ClassLabel feature
         label_names = names or label_names_of(
-            (row[label_field] for s in chosen for row in dd[s]), source)
+            ((f"{source} split {s} row {i}", row[label_field]) for s in chosen
+             for i, row in enumerate(dd[s], 1)), source)
     return TaskSpec(
-        name=name or Path(source).name.replace("/", "_"),
+        name=name or Path(source).name,
         splits={s: SplitFile(source, hf_split=s) for s in chosen},
         label_names=tuple(label_names), text_field=text_field, label_field=label_field,
         template=template or TaskSpec.template, answer_prefix=answer_prefix,

@@ -291,8 +291,7 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
     metrics.jsonl one line per logged step, also sent to `writer` (a `tracking.Writer`;
     default: TensorBoard event files in workdir/tensorboard when tensorboardX is installed,
     closed at the end — a writer passed in stays open). Raises NonFiniteError naming the
-    step when the
-    loss or gradient is not finite; the last good checkpoint stays on disk.
+    step when the loss or gradient is not finite; the last good checkpoint stays on disk.
     """
     workdir = Path(workdir)
     if getattr(batcher, "topk", None) is not None:  # a supervision.TopkBatcher: fail early
@@ -388,7 +387,7 @@ def run_settings(cfg: DistillConfig, batcher, student) -> dict:
                         "accum": batcher.accum, "seq_len": batcher.seq_len,
                         "seed": getattr(batcher, "seed", None),
                         "examples": len(getattr(batcher, "encoded", ()))},
-            "student_params": student.config.num_params()}
+            "student": {"params": student.config.num_params()}}
 
 
 def check_resume_settings(workdir, settings: dict) -> None:
@@ -399,11 +398,8 @@ def check_resume_settings(workdir, settings: dict) -> None:
         return
     old = json.loads(path.read_text())
     diffs = [f"{group}.{k}: {old.get(group, {}).get(k)!r} -> {v!r}"
-             for group in ("config", "batches") for k, v in settings[group].items()
+             for group, values in settings.items() for k, v in values.items()
              if old.get(group, {}).get(k) != v]
-    if old.get("student_params") != settings["student_params"]:
-        diffs.append(f"student params: {old.get('student_params')} -> "
-                     f"{settings['student_params']}")
     if diffs:
         raise ValueError(f"{workdir} holds checkpoints of a run with other settings "
                          f"({'; '.join(diffs[:4])}{'; ...' if len(diffs) > 4 else ''}); rerun "

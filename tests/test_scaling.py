@@ -1,4 +1,4 @@
-"""Tests for jdistill.scaling against published fits (see jdistill/shipped_data/scaling/MANIFEST.md).
+"""Tests for jdistill.scaling against published fits (jdistill/shipped_data/scaling/MANIFEST.md).
 
 Published numbers below are copied from the MANIFEST (Besiroglu et al. 2024 for
 Chinchilla; Frantar et al. 2024 / jaxpruner for T5), never from this code's output.

@@ -99,7 +99,8 @@ def test_task_from_file_string_labels(tmp_path, suffix):
 
 def test_task_from_file_integer_labels_need_names(tmp_path):
     path = _write(tmp_path / "ints.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 0}])
-    with pytest.raises(ValueError, match="label_names"):
+    with pytest.raises(ValueError, match=r"ints\.jsonl row 1: label 1 is an integer index; "
+                                         "pass label_names"):
         tasks.task_from_file(path)
     task = tasks.task_from_file(path, ["neg", "pos"])
     assert tasks.load_split(task, "test") == [("a", 1), ("b", 0)]
