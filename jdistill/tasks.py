@@ -14,7 +14,8 @@ Shipped specs: `twitter_topics` (default, 20 classes) and `reuters35` (35 classe
 labelled headline file (FinHeadlineMix-shaped: a `text` or `headline` column and a `label`
 column; .csv / .jsonl / .json / .parquet, optionally .xz / .gz / .bz2) becomes a task with
 `task_from_file`, and any Hugging Face data set — a hub name such as `nvidia/FinHeadlineMix`
-or `zeroshot/twitter-financial-news-topic`, or a `save_to_disk` folder — with `task_from_hf`
+or `zeroshot/twitter-financial-news-topic`, a `save_to_disk` folder or one of its .arrow
+files — with `task_from_hf`
 (label names from its ClassLabel feature). `get_task` takes any of these.
 
 Readers (why two): HF `datasets` reads hub data and its own folders; our CSV / JSONL readers
@@ -175,13 +176,16 @@ def get_task(name_or_path: str, *, split: str = "test", label_names=None) -> Tas
     path = Path(name_or_path)
     if path.is_dir():
         return task_from_hf(name_or_path, label_names=label_names)
+    if path.suffix.lower() == ".arrow":  # one Arrow file of a data set: it becomes `split`
+        task = task_from_hf(name_or_path, label_names=label_names)
+        return dataclasses.replace(task, splits={split: task.splits["train"]})
     if format_suffix(name_or_path) in READERS:
         return task_from_file(name_or_path, label_names, split=split)
     if HUB_NAME.match(name_or_path) and not path.exists():
         return task_from_hf(name_or_path, label_names=label_names)
     raise ValueError(f"unknown task {name_or_path!r}: use one of {sorted(TASKS)}, a labelled "
-                     f"{'/'.join(READERS)} file, a datasets save_to_disk folder or a Hugging "
-                     "Face hub name (owner/name)")
+                     f"{'/'.join(READERS)} or .arrow file, a datasets save_to_disk folder or "
+                     "a Hugging Face hub name (owner/name)")
 
 
 def task_from_file(path, label_names=None, *, split: str = "test", name: str | None = None,
@@ -244,11 +248,14 @@ LABEL_COLUMNS = ("label", "labels", "topic", "category", "class")
 @functools.lru_cache(maxsize=4)
 def load_hf(source: str):
     """A `datasets.DatasetDict` from a `save_to_disk` folder (a single saved `Dataset`
-    becomes split "train") or a hub name. Without network, a hub name not in the local HF
-    cache is one error saying how to pass a local copy."""
+    becomes split "train"), an Arrow file (split "train"; memory-mapped, no cache) or a hub
+    name. Without network, a hub name not in the local HF cache is one error saying how to
+    pass a local copy."""
     import datasets
 
     path = Path(source)
+    if path.is_file():
+        return datasets.DatasetDict({"train": datasets.Dataset.from_file(str(path))})
     if path.is_dir():
         try:
             loaded = datasets.load_from_disk(str(path))

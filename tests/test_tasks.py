@@ -219,6 +219,13 @@ def test_save_to_disk_folder_is_a_task_with_classlabel_names(tmp_path):
         tasks.load_split(task, "test")
 
 
+def test_an_arrow_file_is_a_task_split_with_classlabel_names(tmp_path):
+    arrow, = (_save_hf(tmp_path / "fin") / "validation").glob("*.arrow")
+    task = tasks.get_task(str(arrow), split="test")
+    assert task.label_names == ("Earnings", "M&A", "Macro") and set(task.splits) == {"test"}
+    assert tasks.load_split(task, "test") == [("Profit falls", 0), ("NA", 2)]
+
+
 def test_hf_string_labels_are_inferred_and_columns_named(tmp_path):
     path = _save_hf(tmp_path / "fin", class_label=False)
     task = tasks.task_from_hf(path, splits=["train"])
