@@ -35,7 +35,7 @@ setup(
         # and the runner.
         "test": ["torch==2.13.0", "accelerate", "scikit-learn", "tensorboardX", "chex",
                  "lm-eval==0.4.13", "wandb", "pytest", "pytest-xdist"],
-        # jdistill models inside lm-evaluation-harness (jdistill.harness, evaluate
+        # jdistill models inside lm-evaluation-harness (jdistill.eval.harness, evaluate
         # --harness_tasks); pinned: the tests check equality against this version's HFLM
         "harness": ["lm-eval==0.4.13"],
         # the wandb logger (--loggers=tensorboard,wandb); tensorboardX for the tensorboard one

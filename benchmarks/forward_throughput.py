@@ -16,7 +16,7 @@ import torch
 import transformers
 
 import jdistill
-from jdistill.model import jit_forward
+from jdistill.models.decoder import jit_forward
 
 
 def best_time(fn, repeats):

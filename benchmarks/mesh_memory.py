@@ -28,8 +28,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jdistill  # noqa: E402
-from jdistill import data, sharding, train  # noqa: E402
-from jdistill.config import ModelConfig  # noqa: E402
+from jdistill import sharding
+from jdistill.data import io as data
+from jdistill.distill import train  # noqa: E402
+from jdistill.models.config import ModelConfig  # noqa: E402
 
 MESHES = [("(1)", dict(data=1, fsdp=1, tensor=1), 1),
           ("(fsdp=2)", dict(data=1, fsdp=2, tensor=1), 2),

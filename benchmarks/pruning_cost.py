@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 import jdistill
-from jdistill.model import init_model
+from jdistill.models.decoder import init_model
 from jdistill.pruning import importance
 
 

@@ -156,7 +156,7 @@ def hf_config(d: dict, seq_len: int, init_std: float):
 
 
 def model_config(d: dict, seq_len: int):
-    from jdistill.config import ModelConfig
+    from jdistill.models.config import ModelConfig
     return ModelConfig(family="llama", vocab_size=d["vocab"], hidden_size=d["hidden"],
                        intermediate_size=d["ffn"], num_layers=d["layers"], num_heads=d["heads"],
                        num_kv_heads=d["kv_heads"], head_dim=head_dim(d),
@@ -227,7 +227,7 @@ def prepare_ours(teacher, student, batch: dict, cfg):
     placed as `train.train` places it; each call waits for its results."""
     from flax import nnx
     from jdistill import sharding as sharding_lib
-    from jdistill import train
+    from jdistill.distill import train
 
     mesh = sharding_lib.make_mesh(devices=jax.devices()[:1])
     s_graphdef, t_graphdef = nnx.split(student)[0], nnx.split(teacher)[0]
@@ -390,7 +390,7 @@ def write_json_atomic(path: str, obj: dict):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from jdistill import train
+    from jdistill.distill import train
 
     if importlib.util.find_spec("torch") is None:  # the baseline: a test-extra package
         raise ValueError("the benchmark's baseline is PyTorch: pip install torch==2.13.0 "

@@ -21,7 +21,12 @@ from absl import flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import checkpoint, data, packing, results, supervision, train
+from jdistill.checkpoints import hf as checkpoint
+from jdistill.data import io as data
+from jdistill.data import batching as packing
+from jdistill.utils import files as results
+from jdistill.distill import supervision
+from jdistill.distill import train
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory or .gguf of the teacher")
 DATA = flags.DEFINE_string("data", None, "task records (.jsonl: prompt, answer[, reasoning])")

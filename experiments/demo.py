@@ -19,7 +19,7 @@ from absl import flags
 
 from experiments import cli
 from experiments import sweep as sweep_main
-from jdistill import sweep
+from jdistill.study import sweep
 
 flags.FLAGS.set_default("preset", "demo")
 flags.FLAGS.set_default("out", "runs/demo")

@@ -23,8 +23,15 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import checkpoint, data, losses, packing, results, supervision, tracking, train
-from jdistill.config import load_hf_config
+from jdistill.checkpoints import hf as checkpoint
+from jdistill.data import io as data
+from jdistill.distill import losses
+from jdistill.data import batching as packing
+from jdistill.utils import files as results
+from jdistill.distill import supervision
+from jdistill.utils import tracking
+from jdistill.distill import train
+from jdistill.models.config import load_hf_config
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
 STUDENT = flags.DEFINE_string("student", None, "HF checkpoint directory of the student to train")

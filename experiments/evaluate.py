@@ -26,7 +26,12 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import data, evaluate, results, sharding, tasks, tracking
+from jdistill import sharding
+from jdistill.data import io as data
+from jdistill.eval import scoring as evaluate
+from jdistill.utils import files as results
+from jdistill.data import tasks
+from jdistill.utils import tracking
 
 MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory or a llama.cpp .gguf file")
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer directory if --model has none")
@@ -140,7 +145,7 @@ def harness_inputs():
     """The harness's task index, with --harness_tasks checked against it (before any model
     work)."""
     try:
-        from jdistill import harness
+        from jdistill.eval import harness
     except ImportError as e:
         raise ValueError(f"--harness_tasks needs lm-evaluation-harness ({e}); install it with "
                          "pip install -e \".[harness]\"") from None
@@ -226,7 +231,7 @@ def main(argv):
                                                                             mesh, ppl_paths)
         timings["perplexity"] = time.perf_counter() - t
     if harness_manager is not None:
-        from jdistill import harness
+        from jdistill.eval import harness
 
         t = time.perf_counter()
         lm = harness.JDistillLM.from_model(model, tokenizer, mesh=mesh,

@@ -14,7 +14,7 @@ from absl import flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill.model import describe, jit_forward
+from jdistill.models.decoder import describe, jit_forward
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory; unset: a tiny "
                                  "random Llama is written to OUT/tiny-llama first")

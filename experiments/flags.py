@@ -24,7 +24,8 @@ MESH = flags.DEFINE_string(
 def setup():
     """Checks --loggers, joins a multi-process run if asked to, then builds the mesh from
     --mesh."""
-    from jdistill import sharding, tracking
+    from jdistill import sharding
+    from jdistill.utils import tracking
 
     tracking.check_backends(LOGGERS.value)
 

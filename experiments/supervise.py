@@ -26,8 +26,10 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill import checkpoint, data, supervision
-from jdistill.config import load_hf_config
+from jdistill.checkpoints import hf as checkpoint
+from jdistill.data import io as data
+from jdistill.distill import supervision
+from jdistill.models.config import load_hf_config
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
 DATA = flags.DEFINE_string("data", None, "records (.jsonl: prompt, answer, optional reasoning)")

@@ -30,7 +30,10 @@ from absl import app, flags
 
 from experiments import cli
 from experiments import flags as common
-from jdistill import pipeline, results, sweep, tracking
+from jdistill.study import runner as pipeline
+from jdistill.utils import files as results
+from jdistill.study import sweep
+from jdistill.utils import tracking
 
 OUT = flags.DEFINE_string("out", None, "sweep directory (rows/, cells/, results.jsonl)")
 PRESET = flags.DEFINE_enum("preset", None, sorted(sweep.PRESETS),
@@ -119,7 +122,7 @@ def settings() -> pipeline.Settings:
         given["task"] = TASK.value
     teacher = TEACHER.value
     if teacher is None:
-        from jdistill import gguf
+        from jdistill.checkpoints import gguf
         teacher = str(gguf.default_teacher_path())
     return pipeline.Settings(teacher=teacher, **given)
 

@@ -11,7 +11,7 @@ import transformers
 from flax import nnx
 
 import jdistill
-from jdistill import checkpoint
+from jdistill.checkpoints import hf as checkpoint
 from tests.hf_models import hf_logits, padded_batch, save_hf_model
 
 

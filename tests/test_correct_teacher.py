@@ -7,7 +7,9 @@ import sys
 
 
 import jdistill
-from jdistill import data, losses, supervision
+from jdistill.data import io as data
+from jdistill.distill import losses
+from jdistill.distill import supervision
 from tests.hf_models import make_hf_model, save_tokenizer
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from jdistill import sweep
+from jdistill.study import sweep
 from tests.test_sweep import ROOT, _env, make_study_inputs
 
 

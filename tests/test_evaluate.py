@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import jdistill
-from jdistill import data, sharding, tasks
-from jdistill import evaluate as ev
+from jdistill import sharding
+from jdistill.data import io as data
+from jdistill.data import tasks
+from jdistill.eval import scoring as ev
 from tests.hf_models import save_hf_model, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

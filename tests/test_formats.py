@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from jdistill import evaluate, formats, supervision
+from jdistill.eval import scoring as evaluate
+from jdistill.distill import formats
+from jdistill.distill import supervision
 from tests.hf_models import make_hf_model, save_tokenizer
 
 LABELS = ["Earnings", "Fed | Central Banks", "M&A | Investments", "Markets"]

@@ -14,7 +14,7 @@ import transformers
 from tokenizers import Tokenizer
 
 import jdistill
-from jdistill import gguf as gg
+from jdistill.checkpoints import gguf as gg
 from tests.hf_models import hf_logits, make_hf_model, padded_batch
 
 REPO = Path(__file__).resolve().parents[1]

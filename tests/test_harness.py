@@ -11,7 +11,7 @@ lm_eval = pytest.importorskip("lm_eval")  # the [harness] extra (in the test ext
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from jdistill import harness  # noqa: E402  (registers "jdistill")
+from jdistill.eval import harness  # noqa: E402  (registers "jdistill")
 from tests.hf_models import make_hf_model, save_tokenizer  # noqa: E402
 
 CONTEXTS = ["the quick brown fox", "markets rally as the ", "the fed holds rates", ""]

@@ -18,7 +18,9 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from jdistill import data, evaluate, gguf  # noqa: E402
+from jdistill.data import io as data
+from jdistill.eval import scoring as evaluate
+from jdistill.checkpoints import gguf  # noqa: E402
 
 N = 20  # first items of each benchmark
 HARNESS_TASKS = Path(lm_eval.__file__).parent / "tasks"

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdistill.config import ModelConfig
-from jdistill.lora import apply_lora, init_lora, lora_param_count, merge_into_model
-from jdistill.model import MLP, init_model
+from jdistill.models.config import ModelConfig
+from jdistill.models.lora import apply_lora, init_lora, lora_param_count, merge_into_model
+from jdistill.models.decoder import MLP, init_model
 
 CFG = ModelConfig(family="qwen2", vocab_size=48, hidden_size=16, intermediate_size=24,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4)
@@ -155,7 +155,7 @@ def test_only_adapters_train_and_base_stays_bit_identical():
 def test_dropout_masks_adapter_input_features_once_per_call():
     """dropout folds one inverted-dropout mask over each adapter's input features into A:
     the merged kernel equals W + s * (m[:, None] * A) @ B with m in {0, 1/(1-p)}."""
-    from jdistill import lora as lora_lib
+    from jdistill.models import lora as lora_lib
 
     rng = np.random.default_rng(0)
     params = {"mlp": {"up_proj": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}}

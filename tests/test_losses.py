@@ -1,4 +1,4 @@
-"""Tests of jdistill.losses against references written independently here (torch / numpy)."""
+"""Tests of jdistill.distill.losses against references written independently here (torch / numpy)."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import jax
 import jax.numpy as jnp
 
-from jdistill import losses as L
+from jdistill.distill import losses as L
 
 B, T, V = 2, 7, 13
 TAU = 2.0

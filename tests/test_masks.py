@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jdistill
-from jdistill.model import init_model, ones_masks
+from jdistill.models.decoder import init_model, ones_masks
 from tests.hf_models import padded_batch, save_hf_model
 
 

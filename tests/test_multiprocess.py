@@ -23,7 +23,9 @@ import pytest
 import safetensors.numpy
 
 import jdistill
-from jdistill import checkpoint, data, sharding
+from jdistill import sharding
+from jdistill.checkpoints import hf as checkpoint
+from jdistill.data import io as data
 from tests.hf_models import make_hf_model, save_hf_model, save_tokenizer
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS)")
@@ -340,7 +342,7 @@ jax.block_until_ready(sharding.shard_batch(np.zeros((8, 4), np.float32), mesh))
 open("/proc/self/clear_refs", "w").write("5")  # resets the peak RSS (VmHWM) to the current
 base = status("VmRSS")
 model = jdistill.load_pretrained(sys.argv[1], mesh=mesh)
-leaves = jax.block_until_ready(jax.tree_util.tree_leaves(jdistill.checkpoint.nnx.state(model)))
+leaves = jax.block_until_ready(jax.tree_util.tree_leaves(jdistill.checkpoints.hf.nnx.state(model)))
 print(json.dumps({"model": sum(x.nbytes for x in leaves), "peak": status("VmHWM") - base}))
 """
 
@@ -349,7 +351,7 @@ print(json.dumps({"model": sum(x.nbytes for x in leaves), "peak": status("VmHWM"
 def test_sharded_load_peak_host_memory_stays_near_the_model_size(tmp_path):
     # ~150 MB of float32, 42% of it in one [32000, 512] embedding (and 42% in the lm head):
     # loading a tensor whole (or memory-mapping the file) would show up clearly in the peak
-    from jdistill import config as config_lib
+    from jdistill.models import config as config_lib
 
     cfg = config_lib.ModelConfig(family="llama", vocab_size=32000, hidden_size=512,
                                  intermediate_size=1536, num_layers=2, num_heads=8,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import jdistill
-from jdistill import packing
-from jdistill.model import document_positions
+from jdistill.data import batching as packing
+from jdistill.models.decoder import document_positions
 from tests.hf_models import hf_logits, make_hf_model
 
 
@@ -55,7 +55,7 @@ def test_packed_logits_equal_each_example_alone(variant, tmp_path):
 
 def test_documents_on_a_cache_need_positions(tmp_path):
     """Continuations packed on a cached context (evaluation) must say where they start."""
-    from jdistill.model import KVCache
+    from jdistill.models.decoder import KVCache
     make_hf_model("llama3").save_pretrained(tmp_path)
     model = jdistill.load_pretrained(tmp_path)
     cache = KVCache.create(model.config, 1, 8, model.dtype)

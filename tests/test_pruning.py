@@ -12,7 +12,7 @@ import transformers
 
 import jdistill
 from jdistill import pruning, sharding
-from jdistill.model import init_model, jit_forward
+from jdistill.models.decoder import init_model, jit_forward
 from jdistill.pruning import report
 from tests.hf_models import hf_logits, padded_batch, save_hf_model, save_tokenizer
 

@@ -1,4 +1,4 @@
-"""Tests for jdistill.scaling against published fits (jdistill/shipped_data/scaling/MANIFEST.md).
+"""Tests for jdistill.scaling.core against published fits (jdistill/shipped_data/scaling/MANIFEST.md).
 
 Published numbers below are copied from the MANIFEST (Besiroglu et al. 2024 for
 Chinchilla; Frantar et al. 2024 / jaxpruner for T5), never from this code's output.
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from jdistill import data as data_lib
-from jdistill import results
-from jdistill import scaling as sc
+from jdistill.data import io as data_lib
+from jdistill.utils import files as results
+from jdistill.scaling import core as sc
 
 # the shipped reference data: these tests always run (a missing file is a failure)
 CHIN = data_lib.data_file("scaling/chinchilla_epoch_svg_extracted.csv")

@@ -7,7 +7,7 @@ import pytest
 
 import jdistill
 from jdistill import sharding
-from jdistill.model import jit_forward
+from jdistill.models.decoder import jit_forward
 from tests.hf_models import padded_batch, save_hf_model
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS)")

@@ -1,4 +1,4 @@
-"""Tests of jdistill.study (fits, findings, planner) and experiments.report on synthetic rows.
+"""Tests of jdistill.study.core (fits, findings, planner) and experiments.report on synthetic rows.
 
 Rows are generated from known laws plus small Gaussian noise (the stated stderr), so the
 tests can check that fits recover the parameters, that r0 intervals cover the truth, and
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jdistill import scaling as sc
-from jdistill import study as sd
+from jdistill.scaling import core as sc
+from jdistill.study import core as sd
 
 # True in-domain law (distill_error) and general-knowledge collapse used by the generator.
 TRUE = {"E": 0.05, "A": 0.03, "alpha": 1.0, "B": 1.0, "beta": 0.5}

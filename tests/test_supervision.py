@@ -18,8 +18,11 @@ import torch
 from flax import nnx
 
 import jdistill
-from jdistill import data, sharding, supervision, train
-from jdistill.model import jit_forward
+from jdistill import sharding
+from jdistill.data import io as data
+from jdistill.distill import supervision
+from jdistill.distill import train
+from jdistill.models.decoder import jit_forward
 from tests.hf_models import VOCAB, save_hf_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,7 +349,7 @@ def test_supervise_main_both_modes(teacher, tmp_path):
     assert all(r["reasoning"] and r["reasoning"] != records[0]["reasoning"] for r in out)
     assert "16 B/token stored" in k_out
     cache = supervision.load_topk(tmp_path / "topk.safetensors")
-    config = jdistill.config.load_hf_config(t_path / "config.json")
+    config = jdistill.models.config.load_hf_config(t_path / "config.json")
     encoded = supervision.encode_records(tok, records, config, with_reasoning=True)
     batcher = supervision.TopkBatcher(encoded, cache, batch_size=2, seq_len=32)
     lp = batcher.batch(0)["topk_logprobs"][0]

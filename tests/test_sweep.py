@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jdistill import sweep
+from jdistill.study import sweep
 from tests.hf_models import make_hf_model, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

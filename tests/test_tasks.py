@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from jdistill import data, tasks
+from jdistill.data import io as data
+from jdistill.data import tasks
 
 
 @pytest.mark.parametrize("name,sizes,classes", [

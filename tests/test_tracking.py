@@ -6,7 +6,7 @@ import glob
 
 import pytest
 
-from jdistill import tracking
+from jdistill.utils import tracking
 from tests.test_train import _tensorboard_scalars
 
 

@@ -17,7 +17,11 @@ import safetensors.numpy
 import transformers
 
 import jdistill
-from jdistill import data, lora, packing, sharding, train
+from jdistill import sharding
+from jdistill.data import io as data
+from jdistill.models import lora
+from jdistill.data import batching as packing
+from jdistill.distill import train
 from tests.hf_models import make_hf_model, save_tokenizer
 
 PROMPTS = ["the fed holds rates", "markets rally", "the quick brown fox", "the lazy dog jumps"]

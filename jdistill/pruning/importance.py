@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdistill.model import Decoder
+from jdistill.models.decoder import Decoder
 
 F32 = jnp.float32
 

@@ -12,7 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill.config import ModelConfig
+from jdistill.models.config import ModelConfig
 
 AXES = ("hidden", "mlp", "heads", "layers")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jdistill import results
+from jdistill.utils import files as results
 
 
 def save_scores(path, scores: dict) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from jdistill.model import Decoder
+from jdistill.models.decoder import Decoder
 
 KINDS = ("one_shot", "linear", "geometric", "cubic")
 

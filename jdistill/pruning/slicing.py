@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from jdistill import sharding as sharding_lib
-from jdistill.model import Decoder, abstract_model, check_masks
+from jdistill.models.decoder import Decoder, abstract_model, check_masks
 from jdistill.pruning.masks import Dims
 
 

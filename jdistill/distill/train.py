@@ -29,10 +29,12 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jdistill import losses, results, tracking
-from jdistill import lora as lora_lib
+from jdistill.distill import losses
+from jdistill.utils import files as results
+from jdistill.utils import tracking
+from jdistill.models import lora as lora_lib
 from jdistill import sharding as sharding_lib
-from jdistill.model import Decoder, stack_trees
+from jdistill.models.decoder import Decoder, stack_trees
 
 # supervision format -> (blend weights, normalisation); see losses.BlendWeights
 FORMATS = {

@@ -4,7 +4,7 @@ Importing this module registers the model name "jdistill" with the harness, so i
 of tasks (MMLU-Pro, the Open LLM Leaderboard sets, ...) run on a jdistill checkpoint, a
 pruned or distilled student, or a llama.cpp .gguf file:
 
-  import jdistill.harness, lm_eval
+  import jdistill.eval.harness, lm_eval
   lm_eval.simple_evaluate(model="jdistill", model_args="pretrained=DIR,dtype=bfloat16",
                           tasks=["arc_easy"])
 
@@ -29,8 +29,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 import jdistill
-from jdistill import data
-from jdistill import evaluate as ev
+from jdistill.data import io as data
+from jdistill.eval import scoring as ev
 from jdistill import sharding as sharding_lib
 
 MAX_GEN_TOKS = 256  # the harness's default generation length

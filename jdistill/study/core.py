@@ -5,7 +5,7 @@ student, ``sweep_teacher`` for the (corrected) teacher, ``sweep_teacher_original
 teacher before correction, shown for context only; other rows are ignored). Everything here is a
 pure function of those rows returning dataclasses or plain dicts; plotting and writing live
 in ``experiments/report.py`` and ``experiments/plan.py``. Optimisation is always
-``jdistill.scaling``'s (summed Huber, multi-start L-BFGS-B, ``fit_weighted`` refits).
+``jdistill.scaling.core``'s (summed Huber, multi-start L-BFGS-B, ``fit_weighted`` refits).
 
 Fits, per supervision format, on the *baseline* rows (default method ``full``, schedule
 ``one_shot``) plus the teacher row(s) at r = 1:
@@ -71,7 +71,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import special
 
-from jdistill import scaling as sc
+from jdistill.scaling import core as sc
 
 STUDY_MAINS = ("sweep_cell", "sweep_teacher", "sweep_teacher_original")
 TEACHER_MAINS = ("sweep_teacher", "sweep_teacher_original")

@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from jdistill import config as config_lib
+from jdistill.models import config as config_lib
 from jdistill import sharding as sharding_lib
-from jdistill.model import Decoder, abstract_model
+from jdistill.models.decoder import Decoder, abstract_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -123,7 +123,7 @@ def resolve(path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".gguf":
         return path
-    from jdistill import gguf  # gguf imports this module
+    from jdistill.checkpoints import gguf  # gguf imports this module
 
     return gguf.cached_import(path)
 

@@ -134,7 +134,7 @@ def read_array(reader, key: str):
 
 def model_config(meta: dict, vocab_size: int, has_output: bool, *, source="GGUF file"):
     """llama.cpp metadata -> our `ModelConfig` (Llama family only)."""
-    from jdistill.config import ModelConfig
+    from jdistill.models.config import ModelConfig
 
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
@@ -416,7 +416,7 @@ def import_gguf(path, out_dir, dtype: str = "float32", *,
     """
     out_dir = Path(out_dir)
     tmp = _convert_to_temp(path, out_dir, dtype, max_shard_bytes)
-    from jdistill.checkpoint import _replace_dir
+    from jdistill.checkpoints.hf import _replace_dir
     try:
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -437,8 +437,8 @@ def _np_dtype(dtype: str):
 def _convert_to_temp(path, out_dir: Path, dtype: str, max_shard_bytes: int) -> Path:
     from safetensors.numpy import save_file
 
-    from jdistill import config as config_lib
-    from jdistill.checkpoint import INDEX_FILE, SINGLE_FILE, _plan_shards
+    from jdistill.models import config as config_lib
+    from jdistill.checkpoints.hf import INDEX_FILE, SINGLE_FILE, _plan_shards
 
     path = Path(path)
     np_dtype = _np_dtype(dtype)

@@ -46,8 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill import data, results, sharding
-from jdistill.generate import generate
+from jdistill import sharding
+from jdistill.data import io as data
+from jdistill.utils import files as results
+from jdistill.models.generate import generate
 
 DEFAULT_RECIPE = "{prompt}\nThink step by step, then give the label.\n"
 TOPK_FORMAT = "jdistill-topk-v1"
@@ -229,7 +231,7 @@ def cached_traces(cache_dir, model_path, prompts: list[str], settings: TraceSett
     (and `student_prompts`, see `trace_records`), and the file is rewritten if they differ.
     bos / eos / pad ids come from the model's config.json.
     """
-    from jdistill.config import load_hf_config
+    from jdistill.models.config import load_hf_config
 
     key = trace_key(model_path, prompts, settings)
     path = Path(cache_dir) / f"traces-{key[:20]}.jsonl"
@@ -248,7 +250,7 @@ def cached_traces(cache_dir, model_path, prompts: list[str], settings: TraceSett
             return records, path
     config = load_hf_config(Path(model_path) / "config.json")
     if model is None:
-        from jdistill.checkpoint import load_pretrained
+        from jdistill.checkpoints.hf import load_pretrained
         model = load_pretrained(model_path, dtype=dtype, mesh=mesh)
     tokenizer = tokenizer or data.load_tokenizer(model_path)
     traces = generate_traces(

@@ -7,7 +7,7 @@ Everything else is a pure function of a spec:
   load_split(task, "test")          -> [(text, label_index)]
   subsample(examples, n, seed)      -> stratified, seeded, nested subset
   prompt(task, text), answer(task, i), to_records(task, examples) -> {"prompt", "answer"}
-    records, the JSONL format `jdistill.data.read_examples` reads and `experiments.distill
+    records, the JSONL format `jdistill.data.io.read_examples` reads and `experiments.distill
     --data` consumes.
 
 Shipped specs: `twitter_topics` (default, 20 classes) and `reuters35` (35 classes); any
@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 # the tabular readers live in data (one reader for every file); tasks.read_rows stays public
-from jdistill import results
-from jdistill.data import READERS, TEXT_COLUMNS, data_file, format_suffix, read_rows  # noqa: F401
+from jdistill.utils import files as results
+from jdistill.data.io import READERS, TEXT_COLUMNS, data_file, format_suffix, read_rows  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill import sharding as sharding_lib
-from jdistill.config import ModelConfig
+from jdistill.models.config import ModelConfig
 
 MASK_SHAPES = {
     "heads": lambda c: (c.num_layers, c.num_heads),

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jdistill import supervision
-from jdistill.evaluate import parse_label
+from jdistill.distill import supervision
+from jdistill.eval.scoring import parse_label
 
 FORMATS = ("label", "logits", "cot", "blended")
 RATIONALE_RECIPE = ("Financial news: {text}\n"

@@ -26,7 +26,7 @@ def data_root() -> Path:
     """The data folder installed with the package (shipped_data/, see its MANIFEST.md), or
     $JDISTILL_DATA. Read at every call, never from the working directory."""
     env = os.environ.get(DATA_ENV)
-    root = Path(env).expanduser() if env else Path(__file__).resolve().parent / "shipped_data"
+    root = Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "shipped_data"
     if not root.is_dir():
         raise FileNotFoundError(
             f"{DATA_ENV}={env} is not a directory; point it at a copy of the shipped data or "
@@ -185,7 +185,7 @@ def calibration_batches(tokenizer, texts: list[str], *, num_samples: int, seq_le
     return batches
 
 
-PROMPT, TRACE, ANSWER = 0, 1, 2  # segment ids (same values as jdistill.losses)
+PROMPT, TRACE, ANSWER = 0, 1, 2  # segment ids (same values as jdistill.distill.losses)
 
 
 def encode_example(tokenizer, prompt: str, answer: str, reasoning: str | None = None, *,

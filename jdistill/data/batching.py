@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from jdistill import data
+from jdistill.data import io as data
 
 PAD_DOCUMENT = 0  # document id of padding; real documents are 1, 2, ... within a row
 

@@ -23,8 +23,17 @@ import jax
 import numpy as np
 
 import jdistill
-from jdistill import (checkpoint, data, evaluate, formats, packing, pruning, results,
-                      supervision, sweep, tasks, train)
+from jdistill import pruning
+from jdistill.checkpoints import hf as checkpoint
+from jdistill.data import io as data
+from jdistill.eval import scoring as evaluate
+from jdistill.distill import formats
+from jdistill.data import batching as packing
+from jdistill.utils import files as results
+from jdistill.distill import supervision
+from jdistill.study import sweep
+from jdistill.data import tasks
+from jdistill.distill import train
 from jdistill.pruning import report as prune_report
 
 

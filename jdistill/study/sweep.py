@@ -23,7 +23,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from jdistill import results
+from jdistill.utils import files as results
 
 FORMATS = ("label", "logits", "cot", "blended")
 METHODS = ("full", "lora")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill.model import Decoder, KVCache
+from jdistill.models.decoder import Decoder, KVCache
 
 
 def sample_token(logits, rng, temperature: float, top_p: float):

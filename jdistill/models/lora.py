@@ -14,7 +14,7 @@ functional:
 and for export ``merge_into_model(model, lora)`` (then ``save_pretrained`` as usual): the merged
 model's weights are exactly the ``apply_lora`` weights the training step used.
 
-Kernel layouts (jdistill.model): the *first* axis is the input for ``q_proj``/``k_proj``/
+Kernel layouts (jdistill.models.decoder): the *first* axis is the input for ``q_proj``/``k_proj``/
 ``v_proj`` ``[D, H, hd]`` and the MLP ``[D, F]`` / ``[F, D]`` kernels; ``o_proj`` ``[H, hd, D]``
 has two input axes.  Other layouts can be given with ``in_ndim``.
 

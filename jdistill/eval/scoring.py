@@ -37,10 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill import data, losses, results
+from jdistill.data import io as data
+from jdistill.distill import losses
+from jdistill.utils import files as results
 from jdistill import sharding as sharding_lib
-from jdistill import tasks as tasks_lib
-from jdistill.model import KVCache
+from jdistill.data import tasks as tasks_lib
+from jdistill.models.decoder import KVCache
 
 CTX_BUCKET = 32  # contexts pad to multiples of this many tokens
 CONT_BUCKET = 16  # packed continuations likewise
@@ -370,10 +372,10 @@ def parse_label(text: str, label_names) -> int | None:
 def generate_and_parse(model, tokenizer, task, texts, *, max_new_tokens: int = 64,
                        batch_size: int = 8, eos_token_id=None, pad_id: int = 0,
                        progress: str | None = None) -> list[tuple[str, int | None]]:
-    """Greedy generation (`jdistill.generate`, batched, KV cache) for each text's prompt,
+    """Greedy generation (`jdistill.models.generate`, batched, KV cache) for each text's prompt,
     then `parse_label` on the output: [(generated text, label index or None)]. For CoT
     models, whose answer follows a reasoning trace."""
-    from jdistill.generate import generate
+    from jdistill.models.generate import generate
 
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
