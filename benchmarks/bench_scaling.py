@@ -1,4 +1,4 @@
-"""Time the Chinchilla grid fit and bootstrap of jdistill.scaling.core.
+"""Time the Chinchilla grid fit and bootstrap of jdistill.scaling.
 
   python benchmarks/bench_scaling.py [--all_starts] [--n_boot=1000] [--repeats=3]
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdistill.data import io as data_lib  # noqa: E402
-from jdistill.scaling import core as sc  # noqa: E402
+from jdistill import scaling as sc
 
 DATA = data_lib.data_root() / "scaling"
 

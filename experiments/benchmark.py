@@ -253,7 +253,7 @@ def prepare_ours(teacher, student, batch: dict, cfg):
 
 
 def torch_loss(s_logits, t_logits, batch: dict, fmt: str, temperature: float, weights):
-    """The loss of `train.FORMATS[fmt]` in torch (f32): logits = forward KL * tau^2 over the
+    """The loss of `formats.FORMATS[fmt]` in torch (f32): logits = forward KL * tau^2 over the
     trace and answer tokens (one mean); blended = per segment KL * tau^2 and CE, each
     normalised by that segment's token count, weighted by `weights` (BlendWeights)."""
     import torch

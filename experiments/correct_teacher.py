@@ -21,7 +21,7 @@ from absl import flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill.checkpoints import hf as checkpoint
+from jdistill import checkpoints
 from jdistill.data import io as data
 from jdistill.data import batching as packing
 from jdistill.utils import files as results
@@ -55,7 +55,7 @@ def main(argv):
     del argv
     mesh = common.setup()
     out = cli.output_dir(OUT.value)
-    teacher_dir = checkpoint.resolve(TEACHER.value)
+    teacher_dir = checkpoints.resolve(TEACHER.value)
     settings = {"format": FORMAT.value, "steps": STEPS.value, "batch_size": BATCH_SIZE.value,
                 "seq_len": SEQ_LEN.value, "learning_rate": LEARNING_RATE.value,
                 "warmup_steps": WARMUP.value, "lora_rank": LORA_RANK.value, "seed": SEED.value,

@@ -23,7 +23,7 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill.checkpoints import hf as checkpoint
+from jdistill import checkpoints
 from jdistill.data import io as data
 from jdistill.distill import losses
 from jdistill.data import batching as packing
@@ -32,12 +32,13 @@ from jdistill.distill import supervision
 from jdistill.utils import tracking
 from jdistill.distill import train
 from jdistill.models.config import load_hf_config
+from jdistill.distill import formats
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
 STUDENT = flags.DEFINE_string("student", None, "HF checkpoint directory of the student to train")
 DATA = flags.DEFINE_string("data", None, "training records (.jsonl: prompt, answer, reasoning)")
 OUT = flags.DEFINE_string("out", None, "output directory for the trained student")
-FORMAT = flags.DEFINE_enum("format", "blended", list(train.FORMATS), "supervision format")
+FORMAT = flags.DEFINE_enum("format", "blended", list(formats.NAMES), "supervision format")
 LOSS = flags.DEFINE_enum("loss", "forward", list(losses.KINDS), "divergence of the KL terms")
 TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "distillation temperature")
 WEIGHTS = flags.DEFINE_string("weights", None, "blend weights overriding the format's, e.g. "
@@ -84,7 +85,7 @@ def encode(tokenizer, records, fmt: str, config):
     """Token ids + segments per record, by `supervision.encode_records` — the encoding
     `supervise --mode=topk` caches top-k on, so a top-k file always aligns; cot/blended put
     the teacher's reasoning in between."""
-    with_reasoning = fmt in ("cot", "blended")  # as supervise --mode=topk --format=FMT
+    with_reasoning = formats.get(fmt).with_trace  # as supervise --mode=topk --format=FMT
     if with_reasoning and not any(r.get("reasoning") for r in records):
         raise app.UsageError(f"--format={fmt} needs 'reasoning' in the records; generate it "
                              "with `python -m experiments.supervise --mode=traces`")
@@ -171,7 +172,7 @@ def main(argv):
 
 def teacher_dir(path: str | None) -> Path | None:
     """The teacher's HF directory (a .gguf file is converted once, into the cache)."""
-    return None if path is None else checkpoint.resolve(path)
+    return None if path is None else checkpoints.resolve(path)
 
 
 def tokenizer_for(*dirs):

@@ -29,6 +29,9 @@ from experiments import flags as common
 from jdistill import sharding
 from jdistill.data import io as data
 from jdistill.eval import scoring as evaluate
+from jdistill.eval import metrics
+from jdistill.eval import classify
+from jdistill.eval import benchmarks as bench
 from jdistill.utils import files as results
 from jdistill.data import tasks
 from jdistill.utils import tracking
@@ -48,7 +51,7 @@ MODE = flags.DEFINE_enum("mode", "loglik", ["loglik", "generate"],
                          "in-domain scoring: label log-likelihood, or greedy generation and "
                          "parsing the last label named (CoT students)")
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "generation length (--mode=generate)")
-GENERAL = flags.DEFINE_list("general", [], f"benchmarks, of {sorted(evaluate.BENCHMARKS)}")
+GENERAL = flags.DEFINE_list("general", [], f"benchmarks, of {sorted(bench.BENCHMARKS)}")
 GENERAL_LIMIT = flags.DEFINE_integer("general_limit", None, "items per benchmark (seeded subset)")
 PERPLEXITY = flags.DEFINE_bool("perplexity", False, "perplexity on held-out corpus slices")
 PPL_FILES = flags.DEFINE_list("ppl_files",
@@ -103,24 +106,24 @@ def in_domain(model, tokenizer, mesh, task, examples):
     """-> (metrics r, predictions, generated outputs or None)."""
     desc = f"{task.name}/{SPLIT.value}"
     if MODE.value == "loglik":
-        r = evaluate.evaluate_classification(model, tokenizer, task, examples,
+        r = classify.evaluate_classification(model, tokenizer, task, examples,
                                              batch_size=BATCH_SIZE.value, mesh=mesh,
                                              max_length=MAX_LENGTH.value, progress=desc)
         return r, r["predictions"].tolist(), None
-    gen = evaluate.generate_and_parse(model, tokenizer, task, [t for t, _ in examples],
+    gen = classify.generate_and_parse(model, tokenizer, task, [t for t, _ in examples],
                                       max_new_tokens=MAX_NEW_TOKENS.value,
                                       batch_size=BATCH_SIZE.value, progress=desc)
     labels = [y for _, y in examples]
     preds = [-1 if p is None else p for _, p in gen]
-    r = {**evaluate.classification_metrics(labels, preds),
-         "confusion": evaluate.confusion_matrix(labels, preds, task.num_classes)}
+    r = {**metrics.classification_metrics(labels, preds),
+         "confusion": metrics.confusion_matrix(labels, preds, task.num_classes)}
     return r, preds, [g for g, _ in gen]
 
 
 def write_in_domain(out_dir, task, examples, r, preds, outputs) -> dict:
     """The confusion matrix and per-example predictions; returns their paths."""
     stem = f"{task.name}_{SPLIT.value}"
-    paths = evaluate.save_confusion(r["confusion"], task.label_names, out_dir,
+    paths = metrics.save_confusion(r["confusion"], task.label_names, out_dir,
                                     f"confusion_{stem}")
     lines = [json.dumps({"text": t, "label": task.label_names[y],
                          "pred": task.label_names[p] if p >= 0 else None,
@@ -155,7 +158,7 @@ def harness_inputs():
 
 
 def general(model, tokenizer, mesh, benchmarks: dict):
-    return {name: evaluate.evaluate_mc(model, tokenizer, items, batch_size=BATCH_SIZE.value,
+    return {name: bench.evaluate_mc(model, tokenizer, items, batch_size=BATCH_SIZE.value,
                                        mesh=mesh, max_length=MAX_LENGTH.value, progress=name)
             for name, items in benchmarks.items()}
 
@@ -199,15 +202,15 @@ def table(row) -> str:
 def main(argv):
     del argv
     for name in GENERAL.value:
-        if name not in evaluate.BENCHMARKS:
+        if name not in bench.BENCHMARKS:
             raise app.UsageError(f"--general: unknown benchmark {name!r}; use "
-                                 f"{sorted(evaluate.BENCHMARKS)}")
+                                 f"{sorted(bench.BENCHMARKS)}")
     out_dir = cli.output_dir(OUT.value)
     mesh = common.setup()
     start = time.perf_counter()
     # every input is read before the first forward: bad input costs no compute, writes nothing
     task, examples = in_domain_inputs() if TASK.value else (None, None)
-    benchmarks = {name: evaluate.load_benchmark(name, limit=GENERAL_LIMIT.value,
+    benchmarks = {name: bench.load_benchmark(name, limit=GENERAL_LIMIT.value,
                                                 seed=SEED.value) for name in GENERAL.value}
     ppl_paths = [corpus_path(name) for name in PPL_FILES.value] if PERPLEXITY.value else []
     harness_manager = harness_inputs() if HARNESS_TASKS.value else None

@@ -7,7 +7,7 @@
       --predict="N=1e9,D=2e10;N=7e10,D=1.4e12"
 
 --x lists columns in the law's x order (``--x=N,D``) or by name (``--x=N=Model Size``);
-dotted paths reach nested JSONL fields. All logic lives in jdistill.scaling.core; this file
+dotted paths reach nested JSONL fields. All logic lives in jdistill.scaling; this file
 only parses flags, calls it, and renders outputs. Every file is written atomically.
 """
 
@@ -24,7 +24,7 @@ from absl import app, flags
 
 from experiments import cli
 from jdistill.utils import files as results
-from jdistill.scaling import core as sc
+from jdistill import scaling as sc
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "Results JSONL (one row a line) or CSV with a header.")

@@ -3,7 +3,7 @@
   python -m experiments.plan --results=OUT/results.jsonl --min_in_domain_rel=0.95 \
       --max_general_drop=0.10 --max_examples=1000 --out=plan.json
 
-Fits the study's laws (``jdistill.study.core.analyze``) and searches them (``jdistill.study.core.plan``):
+Fits the study's laws (``jdistill.study.analyze``) and searches them (``jdistill.study.plan``):
 ratios log-spaced from 1 to 4x the largest observed, data sizes up to the budget. Prints a
 plain answer, says so when the constraints cannot be met, and warns (with factors) when the
 answer extrapolates beyond the measured ratios or data sizes.
@@ -18,7 +18,7 @@ from absl import app, flags
 
 from experiments import cli
 from jdistill.utils import files as results
-from jdistill.study import core as sd
+from jdistill import study as sd
 
 FLAGS = flags.FLAGS
 

@@ -3,8 +3,8 @@
   python -m experiments.report --results=OUT/results.jsonl --out=OUT/report
 
 Writes OUT/report.md (findings table, fitted parameters, raw results), OUT/fits.json
-(``jdistill.study.core.summary``) and PNG plots; every file atomically. The analysis lives in
-``jdistill.study.core``; this file renders it. The demo calls ``write_report`` in-process.
+(``jdistill.study.summary``) and PNG plots; every file atomically. The analysis lives in
+``jdistill.study``; this file renders it. The demo calls ``write_report`` in-process.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from absl import app, flags
 
 from experiments import cli
 from jdistill.utils import files as results
-from jdistill.study import core as sd
+from jdistill import study as sd
 
 FLAGS = flags.FLAGS
 

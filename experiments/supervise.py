@@ -26,10 +26,11 @@ from absl import app, flags
 import jdistill
 from experiments import cli
 from experiments import flags as common
-from jdistill.checkpoints import hf as checkpoint
+from jdistill import checkpoints
 from jdistill.data import io as data
 from jdistill.distill import supervision
 from jdistill.models.config import load_hf_config
+from jdistill.distill import formats
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
 DATA = flags.DEFINE_string("data", None, "records (.jsonl: prompt, answer, optional reasoning)")
@@ -51,14 +52,14 @@ CACHE_DIR = flags.DEFINE_string("cache_dir", None, "trace cache (default "
 # top-k
 K = flags.DEFINE_integer("k", 64, "teacher log-probs kept per position")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "tokens per sequence, as in the distill run")
-FORMAT = flags.DEFINE_enum("format", "logits", ["label", "logits", "cot", "blended"],
+FORMAT = flags.DEFINE_enum("format", "logits", list(formats.NAMES),
                            "the distill run's format: cot / blended include the reasoning")
 flags.mark_flags_as_required(["teacher", "data", "mode", "out"])
 
 
 def teacher_dir(path: str) -> Path:
     """The teacher's HF directory (a .gguf file is converted once, into the cache)."""
-    return checkpoint.resolve(path)
+    return checkpoints.resolve(path)
 
 
 def cache_dir() -> Path:
@@ -89,7 +90,7 @@ def run_topk(t_dir: Path, records: list[dict], mesh):
     config = load_hf_config(t_dir / "config.json")
     tokenizer = data.load_tokenizer(t_dir, TOKENIZER.value)
     encoded = supervision.encode_records(tokenizer, records, config,
-                                         with_reasoning=FORMAT.value in ("cot", "blended"))
+                                         with_reasoning=formats.get(FORMAT.value).with_trace)
     teacher = jdistill.load_pretrained(t_dir, dtype=DTYPE.value, mesh=mesh)
     try:
         cache = supervision.compute_topk(teacher, encoded, k=K.value, seq_len=SEQ_LEN.value,

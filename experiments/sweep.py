@@ -34,6 +34,7 @@ from jdistill.study import runner as pipeline
 from jdistill.utils import files as results
 from jdistill.study import sweep
 from jdistill.utils import tracking
+from jdistill.distill import formats
 
 OUT = flags.DEFINE_string("out", None, "sweep directory (rows/, cells/, results.jsonl)")
 PRESET = flags.DEFINE_enum("preset", None, sorted(sweep.PRESETS),
@@ -44,7 +45,7 @@ CONFIG = flags.DEFINE_string("config", None, "JSON file with grid keys (ratios, 
                              "methods, schedules, examples, seeds, iterative_steps, design, "
                              "contrast_ratios)")
 RATIOS = flags.DEFINE_list("ratios", None, "compression ratios (teacher / student params)")
-FORMATS = flags.DEFINE_list("formats", None, f"supervision formats, of {sweep.FORMATS}")
+FORMATS = flags.DEFINE_list("formats", None, f"supervision formats, of {formats.NAMES}")
 METHODS = flags.DEFINE_list("methods", None, f"distillation methods, of {sweep.METHODS}")
 SCHEDULES = flags.DEFINE_list("schedules", None, f"pruning schedules, of {sweep.SCHEDULES}")
 EXAMPLES = flags.DEFINE_list("examples", None, "training set sizes (stratified, nested)")
@@ -187,7 +188,7 @@ def fmt_time(s: float) -> str:
 
 def run_sweep(out: Path, g: sweep.Grid, s: pipeline.Settings, cells, *, mesh, log=print):
     """Teacher rows, then every unfinished cell; returns the number of cells run."""
-    study = pipeline.Study(s, cache_dir(), mesh=mesh, log=log)
+    study = pipeline.Runner(s, cache_dir(), mesh=mesh, log=log)
     start = time.perf_counter()
     refs = [("teacher", True)] + ([("teacher-original", False)]
                                   if ORIGINAL_TEACHER.value and s.correction_steps else [])

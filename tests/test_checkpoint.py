@@ -12,6 +12,7 @@ from flax import nnx
 
 import jdistill
 from jdistill.checkpoints import hf as checkpoint
+from jdistill.checkpoints import safetensors as safetensors_files
 from tests.hf_models import hf_logits, padded_batch, save_hf_model
 
 
@@ -74,8 +75,8 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_save(*args, **kwargs)
 
-    real_save = checkpoint.save_file
-    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    real_save = safetensors_files.save_file
+    monkeypatch.setattr(safetensors_files, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         jdistill.save_pretrained(model, tmp_path / "out", max_shard_bytes=20_000)
     calls.clear()

@@ -17,6 +17,9 @@ from jdistill import sharding
 from jdistill.data import io as data
 from jdistill.data import tasks
 from jdistill.eval import scoring as ev
+from jdistill.eval import metrics
+from jdistill.eval import classify
+from jdistill.eval import benchmarks
 from tests.hf_models import save_hf_model, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +42,10 @@ def torch_loglik(hf, ctx, cont):
 
 
 ITEMS = [  # (context, choices, gold): constructed so lengths and tokenisations differ
-    ev.MCItem("Question: the quick brown fox\nAnswer:", ("jumps over", "the lazy dog", "fox"), 1),
-    ev.MCItem("markets rally as the fed", ("holds rates", "dog", "quick brown fox jumps"), 0),
-    ev.MCItem("the lazy dog", ("jumps", "rally as the fed holds rates steady"), 1),
-    ev.MCItem("fox over the", ("lazy dog", "markets", "brown", "the fed"), 3),
+    benchmarks.MCItem("Question: the quick brown fox\nAnswer:", ("jumps over", "the lazy dog", "fox"), 1),
+    benchmarks.MCItem("markets rally as the fed", ("holds rates", "dog", "quick brown fox jumps"), 0),
+    benchmarks.MCItem("the lazy dog", ("jumps", "rally as the fed holds rates steady"), 1),
+    benchmarks.MCItem("fox over the", ("lazy dog", "markets", "brown", "the fed"), 3),
 ]
 
 
@@ -92,7 +95,7 @@ def test_sharded_scoring_equals_unsharded(tiny):
 
 def test_acc_and_acc_norm_against_brute_force(tiny):
     _, hf, tok, model = tiny
-    got = ev.evaluate_mc(model, tok, ITEMS, batch_size=2)
+    got = benchmarks.evaluate_mc(model, tok, ITEMS, batch_size=2)
     acc, acc_norm = [], []
     for it in ITEMS:
         ll = []
@@ -111,7 +114,7 @@ def test_acc_and_acc_norm_against_brute_force(tiny):
 
 def test_mc_metrics_normalise_by_characters():
     # Choice 1 has the higher total, choice 0 the higher per-character log-likelihood.
-    m = ev.mc_metrics([np.array([-4.0, -3.0])], [("abcdefgh", "ab")], [0])
+    m = metrics.mc_metrics([np.array([-4.0, -3.0])], [("abcdefgh", "ab")], [0])
     assert m["acc"] == 0.0 and m["acc_norm"] == 1.0
 
 
@@ -120,16 +123,16 @@ def test_macro_f1_and_confusion():
     y_pred = [0, 1, 1, 1, 2, 0, 3]  # class 3 only predicted: counts, with F1 0
     # Per class F1 = 2TP / (2TP + FP + FN): 0: 2/4, 1: 4/5, 2: 2/4, 3: 0/1.
     expected = np.mean([0.5, 0.8, 0.5, 0.0])
-    assert ev.macro_f1(y_true, y_pred) == pytest.approx(expected)
+    assert metrics.macro_f1(y_true, y_pred) == pytest.approx(expected)
     from sklearn.metrics import f1_score  # the reference (test extra)
 
-    assert ev.macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro"))
-    cm = ev.confusion_matrix(y_true, y_pred, 4)
+    assert metrics.macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    cm = metrics.confusion_matrix(y_true, y_pred, 4)
     assert cm.sum() == 7 and cm[2, 0] == 1 and cm[0, 0] == 1 and cm[1, 1] == 2
     # Unparsed generations (-1) are wrong and leave the confusion matrix.
-    m = ev.classification_metrics([0, 1], [0, -1])
+    m = metrics.classification_metrics([0, 1], [0, -1])
     assert m["accuracy"] == 0.5 and m["unparsed"] == 1 and m["macro_f1"] == pytest.approx(0.5)
-    assert ev.confusion_matrix([0, 1], [0, -1], 2).sum() == 1
+    assert metrics.confusion_matrix([0, 1], [0, -1], 2).sum() == 1
 
 
 def test_classification_and_saved_confusion(tiny, tmp_path):
@@ -137,11 +140,11 @@ def test_classification_and_saved_confusion(tiny, tmp_path):
     task = tasks.TaskSpec(name="toy", splits={}, label_names=("dog", "fed rates", "fox"),
                           template="{text}\nTopic:")
     examples = [("the lazy", 0), ("markets rally as the", 1), ("quick brown", 2)]
-    r = ev.evaluate_classification(model, tok, task, examples, batch_size=2)
-    ll = ev.label_logliks(model, tok, task, [t for t, _ in examples], batch_size=2)
+    r = classify.evaluate_classification(model, tok, task, examples, batch_size=2)
+    ll = classify.label_logliks(model, tok, task, [t for t, _ in examples], batch_size=2)
     assert ll.shape == (3, 3)
     np.testing.assert_array_equal(r["predictions"], ll.argmax(1))
-    paths = ev.save_confusion(r["confusion"], task.label_names, tmp_path, "cm")
+    paths = metrics.save_confusion(r["confusion"], task.label_names, tmp_path, "cm")
     np.testing.assert_array_equal(np.load(paths["npy"]), r["confusion"])
     assert json.loads(Path(paths["json"]).read_text())["labels"] == list(task.label_names)
     assert Path(paths["png"]).read_bytes()[:4] == b"\x89PNG"
@@ -149,18 +152,18 @@ def test_classification_and_saved_confusion(tiny, tmp_path):
 
 def test_parse_label_finds_the_last_label_named():
     names = tasks.TWITTER_LABELS
-    assert ev.parse_label("It mentions earnings but is about a Dividend.", names) == 4
-    assert ev.parse_label("Not Markets... final answer: stock movement", names) == 19
-    assert ev.parse_label("Topic: Gold | Metals | Materials", names) == 10
-    assert ev.parse_label("Answer: M&A | Investments", names) == 13
-    assert ev.parse_label("Macroeconomic news", names) is None  # whole words only
-    assert ev.parse_label("nothing here", names) is None
+    assert tasks.parse_label("It mentions earnings but is about a Dividend.", names) == 4
+    assert tasks.parse_label("Not Markets... final answer: stock movement", names) == 19
+    assert tasks.parse_label("Topic: Gold | Metals | Materials", names) == 10
+    assert tasks.parse_label("Answer: M&A | Investments", names) == 13
+    assert tasks.parse_label("Macroeconomic news", names) is None  # whole words only
+    assert tasks.parse_label("nothing here", names) is None
     # a '|'-separated part names its label too; whole words, case-insensitive, last wins
-    assert ev.parse_label("the Central Banks moved", names) == 1
-    assert ev.parse_label("M&A deal", names) == 13
-    assert ev.parse_label("this is about earnings, not markets", names) == 15
-    assert ev.parse_label("supermarkets opened", names) is None
-    assert ev.label_aliases("Fed | Central Banks") == ["Fed | Central Banks", "Fed",
+    assert tasks.parse_label("the Central Banks moved", names) == 1
+    assert tasks.parse_label("M&A deal", names) == 13
+    assert tasks.parse_label("this is about earnings, not markets", names) == 15
+    assert tasks.parse_label("supermarkets opened", names) is None
+    assert tasks.label_aliases("Fed | Central Banks") == ["Fed | Central Banks", "Fed",
                                                        "Central Banks"]
 
 
@@ -168,12 +171,12 @@ def test_generate_and_parse_runs(tiny):
     _, _, tok, model = tiny
     task = tasks.TaskSpec(name="toy", splits={}, label_names=("dog", "fox"),
                           template="{text}\nTopic:")
-    out = ev.generate_and_parse(model, tok, task, ["the lazy", "quick brown", "fed"],
+    out = classify.generate_and_parse(model, tok, task, ["the lazy", "quick brown", "fed"],
                                 max_new_tokens=5, batch_size=2, eos_token_id=2)
     assert len(out) == 3
     for text, label in out:
         assert isinstance(text, str) and (label is None or label in (0, 1))
-        assert label == ev.parse_label(text, task.label_names)
+        assert label == tasks.parse_label(text, task.label_names)
 
 
 def test_perplexity_matches_transformers_and_scores_each_token_once(tiny):
@@ -202,35 +205,35 @@ def test_held_out_text_is_the_tail(tmp_path):
     ("hellaswag", 10042, {4}), ("piqa", 1838, {2}), ("boolq", 3270, {2}),
     ("openbookqa", 500, {4}), ("commonsense_qa", 1221, {5}), ("mmlu", 14042, {4})])
 def test_benchmark_loaders(name, n, n_choices):
-    items = ev.load_benchmark(name)
+    items = benchmarks.load_benchmark(name)
     assert len(items) == n
     assert {len(it.choices) for it in items} == n_choices
     assert all(0 <= it.gold < len(it.choices) for it in items)
 
 
 def test_benchmark_limit_is_a_fixed_seeded_subset():
-    sub = ev.load_benchmark("piqa", limit=20, seed=1)
-    assert len(sub) == 20 and sub == ev.load_benchmark("piqa", limit=20, seed=1)
-    assert sub != ev.load_benchmark("piqa", limit=20, seed=2)
-    full = ev.load_benchmark("piqa")
+    sub = benchmarks.load_benchmark("piqa", limit=20, seed=1)
+    assert len(sub) == 20 and sub == benchmarks.load_benchmark("piqa", limit=20, seed=1)
+    assert sub != benchmarks.load_benchmark("piqa", limit=20, seed=2)
+    full = benchmarks.load_benchmark("piqa")
     assert all(it in full for it in sub)
 
 
 def test_benchmark_prompt_formats():
-    arc = ev.load_benchmark("arc_easy")[0]
+    arc = benchmarks.load_benchmark("arc_easy")[0]
     assert arc.context.startswith("Question: Which statement") and arc.context.endswith("\nAnswer:")
-    hs = ev.load_benchmark("hellaswag")[0]
+    hs = benchmarks.load_benchmark("hellaswag")[0]
     assert hs.context == "Roof shingle removal: A man is sitting on a roof. He"
     # As the harness: strip first, so a leading bracket tag leaves a leading space.
-    assert ev.hellaswag_preprocess("[header] How to x [title] Do y.  Now") == " How to x. Do y. Now"
-    bq = ev.load_benchmark("boolq")[0]
+    assert benchmarks.hellaswag_preprocess("[header] How to x [title] Do y.  Now") == " How to x. Do y. Now"
+    bq = benchmarks.load_benchmark("boolq")[0]
     assert bq.context.endswith("\nQuestion: does ethanol take more energy make that produces?"
                                "\nAnswer:") and bq.choices == ("no", "yes") and bq.gold == 0
-    mmlu = ev.load_benchmark("mmlu")[0]
+    mmlu = benchmarks.load_benchmark("mmlu")[0]
     assert mmlu.context.startswith("The following are multiple choice questions (with answers) "
                                    "about abstract algebra.\n\n")
     assert mmlu.context.endswith("\nD. 6\nAnswer:") and mmlu.choices == ("A", "B", "C", "D")
-    csqa = ev.load_benchmark("commonsense_qa")
+    csqa = benchmarks.load_benchmark("commonsense_qa")
     assert csqa[102].context.startswith("Question: When learning about the world")
     assert "\nA. newness\nB. loss of innocence\nC. enlightenment" in csqa[102].context
     assert csqa[102].gold == 3

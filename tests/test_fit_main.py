@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from jdistill.data import io as data_lib
-from jdistill.scaling import core as sc
+from jdistill import scaling as sc
 
 REPO = Path(__file__).resolve().parents[1]
 CHIN = data_lib.data_file("scaling/chinchilla_epoch_svg_extracted.csv")  # shipped

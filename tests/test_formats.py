@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from jdistill.eval import scoring as evaluate
-from jdistill.distill import formats
+from jdistill.data import tasks
+from jdistill.distill import records
 from jdistill.distill import supervision
 from tests.hf_models import make_hf_model, save_tokenizer
 
@@ -15,25 +15,25 @@ LABELS = ["Earnings", "Fed | Central Banks", "M&A | Investments", "Markets"]
 def test_disagreeing_traces_are_dropped_and_counted():
     recs = [{"reasoning": "because of earnings"}, {"reasoning": "it is about markets"},
             {"reasoning": "no label named"}]
-    kept, counts = formats.drop_disagreeing(recs, [0, 0, 2], LABELS)
+    kept, counts = records.drop_disagreeing(recs, [0, 0, 2], LABELS)
     assert kept == [recs[0], recs[2]]
     assert counts == {"traces": 3, "disagree": 1, "no_label": 1, "agree": 1}
     # the filter reads a trace as evaluation reads a generated answer: one parser, for which
     # a '|'-separated part names its label
-    assert formats.parse_label is evaluate.parse_label
-    _, counts = formats.drop_disagreeing([{"reasoning": "the Central Banks moved"}], [1], LABELS)
+    assert records.parse_label is tasks.parse_label
+    _, counts = records.drop_disagreeing([{"reasoning": "the Central Banks moved"}], [1], LABELS)
     assert counts["agree"] == 1
 
 
 def test_label_formats_and_bad_input():
-    recs, _ = formats.build_records("label", ["p1", "p2"], ["a", "b"])
+    recs, _ = records.build_records("label", ["p1", "p2"], ["a", "b"])
     assert recs == [{"prompt": "p1", "answer": "a"}, {"prompt": "p2", "answer": "b"}]
     with pytest.raises(ValueError, match="unknown supervision format"):
-        formats.build_records("kd", ["p"], ["a"])
+        records.build_records("kd", ["p"], ["a"])
     with pytest.raises(ValueError, match="needs teacher_dir"):
-        formats.build_records("cot", ["p"], ["a"])
+        records.build_records("cot", ["p"], ["a"])
     with pytest.raises(ValueError, match="lacks the {label} slot"):
-        formats.rationale_prompt("t", "l", recipe="{text} only")
+        records.rationale_prompt("t", "l", recipe="{text} only")
 
 
 def test_cot_records_keep_the_label_out_of_the_student_prompt(tmp_path):
@@ -42,7 +42,7 @@ def test_cot_records_keep_the_label_out_of_the_student_prompt(tmp_path):
     texts = ["the fed holds rates", "markets rally"]
     prompts = [f"Headline: {t}\nTopic:" for t in texts]
     settings = supervision.TraceSettings(max_new_tokens=6, recipe="{prompt}")
-    recs, stats = formats.build_records("blended", prompts, [" Fed", " Markets"], texts=texts,
+    recs, stats = records.build_records("blended", prompts, [" Fed", " Markets"], texts=texts,
                                         gold=[1, 3], label_names=LABELS, teacher_dir=tmp_path / "t",
                                         cache_dir=tmp_path / "c", settings=settings,
                                         log=lambda _: None)

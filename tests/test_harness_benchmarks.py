@@ -20,6 +20,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from jdistill.data import io as data
 from jdistill.eval import scoring as evaluate
+from jdistill.eval import benchmarks
 from jdistill.checkpoints import gguf  # noqa: E402
 
 N = 20  # first items of each benchmark
@@ -53,7 +54,7 @@ def _boolq():
 def _lettered(name, stem_key):
     out = []
     for d in _jsonl(name):
-        q, letters, texts = evaluate.split_options(d["question"], d["options"])
+        q, letters, texts = benchmarks.split_options(d["question"], d["options"])
         out.append({stem_key: q, "choices": {"text": texts, "label": letters},
                     "answerKey": d["answer"].strip()[0]})
     return out
@@ -136,10 +137,10 @@ def test_builtin_mc_equals_the_harness_on_the_shipped_benchmarks(tmp_path, monke
     model = jdistill.load_pretrained(teacher)
     tok = data.load_tokenizer(teacher)
     for name, task in names.items():
-        everything = evaluate.load_benchmark(name)
+        everything = benchmarks.load_benchmark(name)
         items = ([everything[k] for k in OUR_ITEMS[name]()] if name in OUR_ITEMS
                  else everything[CASES[name][2]])
-        ours = evaluate.evaluate_mc(model, tok, items, batch_size=8)
+        ours = benchmarks.evaluate_mc(model, tok, items, batch_size=8)
         theirs = out["results"][task]
         assert ours["n"] == N == out["n-samples"][task]["effective"], name
         assert ours["acc"] == pytest.approx(theirs["acc,none"], abs=1e-12), name

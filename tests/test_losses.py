@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.distill import losses as L
+from jdistill.distill import fused as FU
 
 B, T, V = 2, 7, 13
 TAU = 2.0
@@ -392,7 +393,7 @@ def test_fused_divergence_matches_naive(kind, kw):
         return naive_fn(hs_ @ ws_, jnp.asarray(ht) @ wt, mask, temperature=TAU, **kw)[0]
 
     def fused(hs_, ws_):
-        return L.fused_divergence(hs_, ws_, ht, wt, mask, kind=kind, temperature=TAU,
+        return FU.fused_divergence(hs_, ws_, ht, wt, mask, kind=kind, temperature=TAU,
                                   chunk_size=4, **kw)[0]  # 18 tokens: 5 chunks, 2 padded rows
 
     vn, gn = _vg(naive, argnums=(0, 1))(jnp.asarray(hs), jnp.asarray(ws))
@@ -405,10 +406,10 @@ def test_fused_divergence_matches_naive(kind, kw):
 def test_fused_forward_kl_and_ce_match_naive_and_torch():
     hs, ws, ht, wt, mask, y = _hidden_data(12)
     naive_kl = L.forward_kl(hs @ ws, ht @ wt, mask, temperature=TAU)[0]
-    close(L.fused_forward_kl(hs, ws, ht, wt, mask, temperature=TAU, chunk_size=5)[0], naive_kl)
+    close(FU.fused_forward_kl(hs, ws, ht, wt, mask, temperature=TAU, chunk_size=5)[0], naive_kl)
 
     def fused_ce(hs_, ws_):
-        return L.fused_cross_entropy(hs_, ws_, y, mask, chunk_size=7)[0]
+        return FU.fused_cross_entropy(hs_, ws_, y, mask, chunk_size=7)[0]
 
     v, (gh, gw) = _vg(fused_ce, argnums=(0, 1))(jnp.asarray(hs), jnp.asarray(ws))
     # torch reference through the matmul
@@ -425,7 +426,7 @@ def test_fused_forward_kl_and_ce_match_naive_and_torch():
 
 def test_fused_no_gradient_to_teacher():
     hs, ws, ht, wt, mask, _ = _hidden_data(13)
-    g = jax.grad(lambda a, b: L.fused_forward_kl(hs, ws, a, b, mask)[0], argnums=(0, 1))(
+    g = jax.grad(lambda a, b: FU.fused_forward_kl(hs, ws, a, b, mask)[0], argnums=(0, 1))(
         jnp.asarray(ht), jnp.asarray(wt))
     assert all(np.all(np.asarray(x) == 0) for x in g)
 
@@ -441,7 +442,7 @@ def test_fused_blended_matches_blended(normalize):
                                   temperature=TAU, kind="skew", normalize=normalize)[0]
 
     def fused(hs_, ws_):
-        return L.fused_blended_cot_loss(hs_, ws_, ht, wt, y, seg, mask=mask, weights=w,
+        return FU.fused_blended_cot_loss(hs_, ws_, ht, wt, y, seg, mask=mask, weights=w,
                                         temperature=TAU, kind="skew", normalize=normalize,
                                         chunk_size=3)[0]
 
@@ -451,7 +452,7 @@ def test_fused_blended_matches_blended(normalize):
     close(gf[0], gn[0])
     close(gf[1], gn[1])
     # CE-only blend never needs the teacher
-    sft = L.fused_blended_cot_loss(hs, ws, None, None, y, seg, mask=mask,
+    sft = FU.fused_blended_cot_loss(hs, ws, None, None, y, seg, mask=mask,
                                    weights=L.BlendWeights.answer_sft(), chunk_size=3)[0]
     close(sft, L.cross_entropy(hs @ ws, y, mask * (seg == 2))[0])
 
@@ -459,7 +460,7 @@ def test_fused_blended_matches_blended(normalize):
 def test_fused_bf16_inputs():
     hs, ws, ht, wt, mask, _ = _hidden_data(15)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-    loss = L.fused_forward_kl(bf(hs), bf(ws), bf(ht), bf(wt), mask, chunk_size=4)[0]
+    loss = FU.fused_forward_kl(bf(hs), bf(ws), bf(ht), bf(wt), mask, chunk_size=4)[0]
     assert loss.dtype == jnp.float32
     ref = L.forward_kl(jnp.dot(bf(hs), bf(ws), preferred_element_type=jnp.float32),
                        jnp.dot(bf(ht), bf(wt), preferred_element_type=jnp.float32), mask)[0]
@@ -476,7 +477,7 @@ def test_fused_topk_matches_topk(missing):
         return L.topk_kl(hs_ @ ws_, lt_k, ids, mask, temperature=TAU, missing=missing)[0]
 
     def fused(hs_, ws_):
-        return L.fused_topk_kl(hs_, ws_, lt_k, ids, mask, temperature=TAU, missing=missing,
+        return FU.fused_topk_kl(hs_, ws_, lt_k, ids, mask, temperature=TAU, missing=missing,
                                chunk_size=4)[0]
 
     vn, gn = _vg(naive, argnums=(0, 1))(jnp.asarray(hs), jnp.asarray(ws))
@@ -500,7 +501,7 @@ def test_fused_under_batch_sharding():
     hs_s, ht_s, mask_s = (jax.device_put(x, batch) for x in (hs, ht, mask))
 
     def f(hs_, ws_, ht_, mask_):
-        return L.fused_forward_kl(hs_, ws_, ht_, wt, mask_, temperature=TAU,
+        return FU.fused_forward_kl(hs_, ws_, ht_, wt, mask_, temperature=TAU,
                                   chunk_size=2 * n)[0]
 
     vg = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
@@ -556,11 +557,11 @@ def test_input_checks():
         L.blended_cot_loss(s, t, np.zeros((B, T), np.int32), _segments(), kind="js")
     hs, ws, ht, wt, m, _ = _hidden_data()
     with pytest.raises(ValueError):
-        L.fused_forward_kl(hs, ws[:-1], ht, wt, m)
+        FU.fused_forward_kl(hs, ws[:-1], ht, wt, m)
     with pytest.raises(ValueError):
-        L.fused_forward_kl(hs, ws, ht, wt[:, :-1], m)
+        FU.fused_forward_kl(hs, ws, ht, wt[:, :-1], m)
     with pytest.raises(ValueError):
-        L.fused_forward_kl(hs, ws, ht, wt, m, chunk_size=0)
+        FU.fused_forward_kl(hs, ws, ht, wt, m, chunk_size=0)
     with pytest.raises(ValueError):
-        L.fused_topk_kl(hs, ws, np.zeros((2, 9, 3), np.float32), np.zeros((2, 9, 3), np.int32),
+        FU.fused_topk_kl(hs, ws, np.zeros((2, 9, 3), np.float32), np.zeros((2, 9, 3), np.int32),
                         m, missing="drop")

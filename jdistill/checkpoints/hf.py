@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
+from jdistill.checkpoints import resolve
+from jdistill.checkpoints import safetensors as sft
+from jdistill.checkpoints.safetensors import SafetensorsFile
 from jdistill.models import config as config_lib
 from jdistill import sharding as sharding_lib
 from jdistill.models.decoder import Decoder, abstract_model
@@ -31,8 +31,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
                    "chat_template.jinja", "generation_config.json")
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # HF checkpoints of older transformers carry these non-parameter buffers.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Leaves that are linear maps: how many leading axes of our layout are the input side.
@@ -98,36 +96,6 @@ def param_paths(state) -> list[tuple[tuple, jax.ShapeDtypeStruct]]:
             for p, leaf in jax.tree_util.tree_leaves_with_path(state)]
 
 
-def _tensor_files(path: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file holding it."""
-    index = path / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
-        if missing:
-            raise FileNotFoundError(f"{index} lists files that are missing: {missing}; "
-                                    "copy the complete checkpoint")
-        return {name: path / f for name, f in weight_map.items()}
-    single = path / SINGLE_FILE
-    if not single.exists():
-        raise FileNotFoundError(
-            f"no {SINGLE_FILE} or {INDEX_FILE} in {path}; save the model with "
-            "safe_serialization=True (PyTorch .bin checkpoints are not read)")
-    return {name: single for name in SafetensorsFile(single).tensors}
-
-
-def resolve(path) -> Path:
-    """The HF checkpoint directory for `path`: itself, or for a llama.cpp .gguf file the
-    directory it is converted into once (under $JDISTILL_CACHE/gguf). The one place a
-    .gguf path becomes a checkpoint."""
-    path = Path(path)
-    if path.suffix.lower() != ".gguf":
-        return path
-    from jdistill.checkpoints import gguf  # gguf imports this module
-
-    return gguf.cached_import(path)
-
-
 def load_pretrained(path, *, dtype=None, mesh=None) -> Decoder:
     """Loads a local HF checkpoint directory into a `Decoder` (with `.config`).
 
@@ -149,7 +117,7 @@ def load_pretrained(path, *, dtype=None, mesh=None) -> Decoder:
                                 "save_pretrained wrote (config.json + *.safetensors)")
     dtype = resolve_dtype(dtype)
     config = config_lib.load_hf_config(path / "config.json")
-    files = _tensor_files(path)
+    files = sft.tensor_files(path)
     names = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
 
     abstract = abstract_model(config)
@@ -188,94 +156,6 @@ def load_pretrained(path, *, dtype=None, mesh=None) -> Decoder:
     return model
 
 
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                      "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                      "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-READ_CHUNK_BYTES = 4 * 1024**2  # column blocks are gathered from row chunks of this size
-
-
-class SafetensorsFile:
-    """Reads rectangular blocks of the tensors of one .safetensors file with positioned reads.
-
-    Why not `safe_open`: it memory-maps the file, and every page a read touches stays in this
-    process's resident memory until the map is closed — loading a model through it costs the
-    file's size in RSS on top of the loaded parameters.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self._file = open(self.path, "rb")
-        try:
-            (n,) = np.frombuffer(self._file.read(8), "<u8")
-            header = json.loads(self._file.read(int(n)))
-        except (ValueError, json.JSONDecodeError) as e:
-            self._file.close()
-            raise ValueError(f"{self.path} is not a valid safetensors file ({e}); re-download or "
-                             "re-save the checkpoint") from None
-        header.pop("__metadata__", None)
-        start = 8 + int(n)
-        self.tensors = {}
-        for name, h in header.items():
-            if h["dtype"] not in SAFETENSORS_DTYPES:
-                self._file.close()
-                raise ValueError(f"tensor {name} in {self.path} has dtype {h['dtype']}, which "
-                                 f"is not read; supported: {sorted(SAFETENSORS_DTYPES)}")
-            self.tensors[name] = (np.dtype(SAFETENSORS_DTYPES[h["dtype"]]), tuple(h["shape"]),
-                                  start + h["data_offsets"][0])
-
-    def close(self):
-        self._file.close()
-
-    def shape(self, name) -> tuple:
-        return self.tensors[name][1]
-
-    def read(self, name, ranges=None) -> np.ndarray:
-        """The block [a0:b0, a1:b1, ...] of tensor `name` (`ranges` [(a, b)] per dim; None:
-        all of it). Only the rows of the block are read, in chunks, so the transient memory
-        is the block plus at most READ_CHUNK_BYTES."""
-        dtype, shape, offset = self.tensors[name]
-        ranges = [(0, n) for n in shape] if ranges is None else list(ranges)
-        out = np.empty(tuple(b - a for a, b in ranges), dtype)
-        if out.size == 0:
-            return out
-        if not shape:
-            self._readinto(out, offset)
-            return out
-        row = math.prod(shape[1:]) * dtype.itemsize
-        (r0, r1), rest = ranges[0], ranges[1:]
-        if all((a, b) == (0, n) for (a, b), n in zip(rest, shape[1:])):  # whole rows
-            self._readinto(out, offset + r0 * row)
-            return out
-        cols = (slice(None),) + tuple(slice(a, b) for a, b in rest)
-        step = max(1, READ_CHUNK_BYTES // max(row, 1))
-        for r in range(r0, r1, step):
-            n = min(step, r1 - r)
-            chunk = np.empty((n,) + shape[1:], dtype)
-            self._readinto(chunk, offset + r * row)
-            out[r - r0:r - r0 + n] = chunk[cols]
-        return out
-
-    def _readinto(self, out: np.ndarray, offset: int):
-        buf = out.reshape(-1).view(np.uint8)
-        self._file.seek(offset)
-        if self._file.readinto(buf) != buf.size:
-            raise ValueError(f"{self.path} ends early (truncated download?); re-download the "
-                             "checkpoint")
-
-
-def _flat_range(shape: tuple, ranges: list) -> tuple | None:
-    """The block `ranges` of an array of `shape` as one range of its flattened index, or None
-    when the block is not contiguous once flattened."""
-    partial = [i for i, ((a, b), n) in enumerate(zip(ranges, shape)) if (a, b) != (0, n)]
-    if not partial:
-        return 0, math.prod(shape)
-    k = partial[0]
-    if len(partial) > 1 or math.prod(shape[:k]) != 1:
-        return None
-    inner = math.prod(shape[k + 1:])
-    return ranges[k][0] * inner, ranges[k][1] * inner
-
-
 def _read_block(reader: SafetensorsFile, name: str, leaf: str, shape: tuple, index) -> np.ndarray:
     """Block `index` (a tuple of slices in our layout) of one parameter, reading only what
     it needs where the HF layout allows (every split the sharding rules make)."""
@@ -283,12 +163,12 @@ def _read_block(reader: SafetensorsFile, name: str, leaf: str, shape: tuple, ind
     sizes = tuple(b - a for a, b in ranges)
     if leaf in LINEAR_INPUT_AXES:  # HF [out, in] with flattened groups
         n_in = LINEAR_INPUT_AXES[leaf]
-        r_in = _flat_range(shape[:n_in], ranges[:n_in])
-        r_out = _flat_range(shape[n_in:], ranges[n_in:])
+        r_in = sft.flat_range(shape[:n_in], ranges[:n_in])
+        r_out = sft.flat_range(shape[n_in:], ranges[n_in:])
         if r_in is not None and r_out is not None:
             return reader.read(name, [r_out, r_in]).T.reshape(sizes)
     elif leaf.endswith("_bias"):
-        r = _flat_range(shape, ranges)
+        r = sft.flat_range(shape, ranges)
         if r is not None:
             return reader.read(name, [r]).reshape(sizes)
     else:
@@ -342,7 +222,7 @@ def save_pretrained(model: Decoder, path, *, max_shard_bytes: int = 2 * 1024**3)
     path = Path(path)
     state = nnx.state(model, nnx.Param)
     entries = param_paths(state)
-    shards = _plan_shards([(hf_name(p), leaf.nbytes) for p, leaf in entries], max_shard_bytes)
+    shards = sft.plan_shards([(hf_name(p), leaf.nbytes) for p, leaf in entries], max_shard_bytes)
     writer = jax.process_index() == 0
     tmp = None
     if writer:
@@ -350,18 +230,13 @@ def save_pretrained(model: Decoder, path, *, max_shard_bytes: int = 2 * 1024**3)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         by_name = {hf_name(p): (p[-1], leaf) for p, leaf in entries}
-        weight_map = {}
-        for k, names in enumerate(shards):
-            fname = SINGLE_FILE if len(shards) == 1 else \
-                f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {n: to_hf(sharding_lib.to_host(by_name[n][1]), by_name[n][0]) for n in names}
-            if writer:
-                save_file(tensors, tmp / fname, metadata={"format": "pt"})
-            weight_map.update({n: fname for n in names})
-            del tensors
+        total = sum(leaf.nbytes for _, leaf in entries)
+        sft.write_shards(
+            tmp, shards, lambda names: {n: to_hf(sharding_lib.to_host(by_name[n][1]), by_name[n][0])
+                                        for n in names}, total, write=writer)
         if writer:
-            _write_metadata(model, tmp, weight_map, len(shards) > 1, state)
-            _replace_dir(tmp, path)
+            _write_metadata(model, tmp, state)
+            sft.replace_dir(tmp, path)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -369,41 +244,12 @@ def save_pretrained(model: Decoder, path, *, max_shard_bytes: int = 2 * 1024**3)
     return path
 
 
-def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
-    shards, current, used = [], [], 0
-    for name, nbytes in sizes:
-        if current and used + nbytes > max_bytes:
-            shards.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += nbytes
-    return shards + [current]
-
-
-def _write_metadata(model, directory: Path, weight_map, sharded: bool, state):
+def _write_metadata(model, directory: Path, state):
     dtype = jnp.dtype(jax.tree_util.tree_leaves(state)[0].dtype).name
     cfg = config_lib.to_hf_dict(model.config, dtype=dtype)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    if sharded:
-        total = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(state))
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
     source = getattr(model, "source_path", None)
     if source and Path(source).is_dir():
         for name in TOKENIZER_FILES:
             if (Path(source) / name).exists():
                 shutil.copy2(Path(source) / name, directory / name)
-
-
-def _replace_dir(tmp: Path, path: Path):
-    """Moves the finished `tmp` to `path`; an existing `path` is swapped out, then deleted."""
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)

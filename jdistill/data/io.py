@@ -185,7 +185,7 @@ def calibration_batches(tokenizer, texts: list[str], *, num_samples: int, seq_le
     return batches
 
 
-PROMPT, TRACE, ANSWER = 0, 1, 2  # segment ids (same values as jdistill.distill.losses)
+PROMPT, TRACE, ANSWER = 0, 1, 2  # segment ids of a record's tokens (the blended loss's too)
 
 
 def encode_example(tokenizer, prompt: str, answer: str, reasoning: str | None = None, *,

@@ -455,3 +455,33 @@ def write_records(path, records: list[dict]) -> Path:
     """Writes records as JSONL atomically (temp file + rename)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return results.atomic_write(path, text)
+
+
+# ------------------------------------------------------------------ label names in text
+
+
+def label_aliases(name: str) -> list[str]:
+    """Ways a text may name a label: the full name and each '|'-separated part
+    ('Fed | Central Banks' -> ['Fed | Central Banks', 'Fed', 'Central Banks'])."""
+    parts = [p.strip() for p in name.split("|")]
+    return [name.strip()] + [p for p in parts if p and p != name.strip()]
+
+
+def parse_label(text: str, label_names) -> int | None:
+    """The index of the label named last in `text`, or None: the one parser of generated
+    answers and of teacher traces (`distill.records.drop_disagreeing`), so no trace that evaluation
+    would read as another label than the gold one is trained on.
+
+    A label is named by its full name or any '|'-separated part (`label_aliases`),
+    case-insensitive, as whole words (no word character either side, so 'markets' is not
+    in 'supermarkets'). Of mentions ending at the same place the longest wins, so 'Stock
+    Movement' beats 'Movement' and 'Gold | Metals | Materials' beats 'Materials'; on a full
+    tie the earlier label."""
+    best, best_key = None, (-1, 0)
+    for i, name in enumerate(label_names):
+        for alias in label_aliases(name):
+            for m in re.finditer(r"(?<!\w)" + re.escape(alias) + r"(?!\w)", text, re.I):
+                key = (m.end(), len(alias))
+                if key > best_key:
+                    best, best_key = i, key
+    return best

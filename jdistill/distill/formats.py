@@ -1,101 +1,92 @@
-"""Supervision formats of the study, as training records (`data.read_examples` shape).
+"""Supervision formats: the one registry of what a student is trained on and with which loss.
 
-  label    {"prompt", "answer"}                — CE on the answer tokens
-  logits   {"prompt", "answer"}                — same tokens, the teacher's logits as targets
-  cot      {"prompt", "reasoning", "answer"}   — CE on the teacher's trace + the answer
-  blended  {"prompt", "reasoning", "answer"}   — per-segment KL + CE (losses.blended_cot_loss)
+A format decides the tokens of a training record (with or without the teacher's reasoning
+trace, see ``records``) and the weights of the blended loss over its segments
+(``losses.blended_cot_loss``):
 
-The format's loss weights live in `train.FORMATS`; this module only decides the tokens.
+  label    {"prompt", "answer"}                CE on the answer tokens
+  logits   {"prompt", "answer"}                the same tokens, the teacher's logits as targets
+  cot      {"prompt", "reasoning", "answer"}   CE on the teacher's trace + the answer
+  blended  {"prompt", "reasoning", "answer"}   per-segment KL + CE
 
-Chain-of-thought traces come from the teacher by *rationalisation* (STaR, Zelikman et al.
-2022): the teacher is shown the text and its gold label and asked for a one-sentence reason
-(`RATIONALE_RECIPE`, rendered with the teacher's chat template). Measured on the 135M
-default teacher, asking it to choose a label and explain gave degenerate echoes; the
-label-conditioned request gives on-topic rationales (BUILD_NOTES.md). The student never sees
-the label in its prompt: its record is (task prompt → trace → answer). A trace that names a
-different label than the gold one (as `evaluate.parse_label`, the parser of generated
-answers, reads it) is dropped (and counted), never trained on; a trace that names no label
-is kept.
+A new format is one ``SupervisionFormat`` added to ``FORMATS``; flags, sweeps and the study
+read their choices from here. This module imports no JAX, so the analysis side can use it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
-from jdistill.distill import supervision
-from jdistill.eval.scoring import parse_label
-
-FORMATS = ("label", "logits", "cot", "blended")
-RATIONALE_RECIPE = ("Financial news: {text}\n"
-                    "In one short sentence, explain why this news is about {label}.")
-TRACE_SEPARATOR = "\n"  # between the trace and the answer, so the answer starts a new line
+from jdistill.data.io import ANSWER, TRACE
 
 
-def rationale_prompt(text: str, label: str, recipe: str = RATIONALE_RECIPE,
-                     chat=None) -> str:
-    """The teacher's prompt: `recipe` filled in, inside `chat` (see `chat_formatter`) if given."""
-    for slot in ("{text}", "{label}"):
-        if slot not in recipe:
-            raise ValueError(f"rationale recipe {recipe!r} lacks the {slot} slot")
-    message = recipe.replace("{text}", text).replace("{label}", label)
-    return message + "\n" if chat is None else chat(message)
+@dataclasses.dataclass(frozen=True)
+class BlendWeights:
+    """Weights of the blended chain-of-thought loss, one per (segment, term).
+
+    Segments: ``TRACE`` (1, the teacher's reasoning trace) and ``ANSWER`` (2); ``PROMPT`` (0)
+    and any other id are never supervised.  Terms: ``kl`` (divergence against the teacher's
+    distribution) and ``ce`` (cross-entropy against the target tokens).
+
+    Presets (all exact special cases, see :func:`blended_cot_loss`):
+      ``BlendWeights.logit_kd()``   KL 1 on trace and answer, CE 0 (with ``normalize="union"``
+                                    equals :func:`forward_kl` over trace ∪ answer);
+      ``BlendWeights.answer_sft()`` CE 1 on the answer only (= :func:`cross_entropy` on the
+                                    answer tokens);
+      ``BlendWeights.cot_sft()``    CE 1 on trace and answer (with ``normalize="union"``
+                                    = :func:`cross_entropy` on trace ∪ answer).
+    """
+
+    trace_kl: float = 1.0
+    trace_ce: float = 0.5
+    answer_kl: float = 1.0
+    answer_ce: float = 1.0
+
+    @classmethod
+    def logit_kd(cls):
+        return cls(trace_kl=1.0, trace_ce=0.0, answer_kl=1.0, answer_ce=0.0)
+
+    @classmethod
+    def answer_sft(cls):
+        return cls(trace_kl=0.0, trace_ce=0.0, answer_kl=0.0, answer_ce=1.0)
+
+    @classmethod
+    def cot_sft(cls):
+        return cls(trace_kl=0.0, trace_ce=1.0, answer_kl=0.0, answer_ce=1.0)
+
+    def weight(self, segment: int, term: str) -> float:
+        return {(TRACE, "kl"): self.trace_kl, (TRACE, "ce"): self.trace_ce,
+                (ANSWER, "kl"): self.answer_kl, (ANSWER, "ce"): self.answer_ce}[(segment, term)]
 
 
-def chat_formatter(tokenizer_dir):
-    """user message -> the model's chat prompt, ending where the assistant starts (message +
-    newline when the tokenizer has no chat template). Loads the tokenizer once: a load costs
-    ~0.3 s, which per prompt was minutes of a sweep."""
-    import transformers
+@dataclasses.dataclass(frozen=True)
+class SupervisionFormat:
+    """One format: its loss weights, how the weighted segments are normalised ("segment":
+    each segment's mean, "union": one mean over every supervised token) and whether its
+    records carry the teacher's trace."""
 
-    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    if not getattr(tok, "chat_template", None):
-        return lambda message: message + "\n"
-    return lambda message: tok.apply_chat_template(
-        [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
+    name: str
+    weights: BlendWeights
+    normalize: str
+    with_trace: bool
 
-
-def drop_disagreeing(records: list[dict], gold: list[int], label_names: list[str]):
-    """(kept records, counts): drops records whose trace names another label than gold."""
-    kept, counts = [], {"traces": len(records), "disagree": 0, "no_label": 0, "agree": 0}
-    for r, g in zip(records, gold):
-        named = parse_label(r["reasoning"], label_names)
-        if named is None:
-            counts["no_label"] += 1
-        elif named != g:
-            counts["disagree"] += 1
-            continue
-        else:
-            counts["agree"] += 1
-        kept.append(r)
-    return kept, counts
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return self.weights.trace_kl != 0 or self.weights.answer_kl != 0
 
 
-def build_records(fmt: str, prompts: list[str], answers: list[str], *, texts=None, gold=None,
-                  label_names=None, teacher_dir=None, cache_dir=None,
-                  settings: supervision.TraceSettings | None = None, recipe=RATIONALE_RECIPE,
-                  model=None, log=print):
-    """(records, stats) for one format. prompts/answers: the student's task prompt and the
-    answer string per example; cot/blended also need the raw texts, gold label indices,
-    label names and the teacher (its traces are cached in `cache_dir`)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown supervision format {fmt!r}; choose one of {FORMATS}")
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    if fmt in ("label", "logits"):
-        return [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)], {}
-    if teacher_dir is None or cache_dir is None or texts is None or gold is None:
-        raise ValueError(f"format {fmt!r} needs teacher_dir, cache_dir, texts and gold labels "
-                         "for the teacher's traces")
-    teacher_dir = Path(teacher_dir)
-    chat = chat_formatter(teacher_dir)
-    teacher_prompts = [rationale_prompt(t, label_names[g], recipe, chat)
-                       for t, g in zip(texts, gold)]
-    settings = settings or supervision.TraceSettings(max_new_tokens=48, recipe="{prompt}")
-    records, path = supervision.cached_traces(
-        cache_dir, teacher_dir, teacher_prompts, settings, answers=list(answers),
-        student_prompts=list(prompts), model=model, log=log)
-    records = [{**r, "reasoning": r["reasoning"].strip() + TRACE_SEPARATOR} for r in records]
-    kept, counts = drop_disagreeing(records, list(gold), label_names)
-    log(f"traces {path.name}: {counts['agree']} name the gold label, {counts['no_label']} "
-        f"name none, {counts['disagree']} name another label (dropped)")
-    return kept, {**counts, "file": str(path)}
+FORMATS: dict[str, SupervisionFormat] = {f.name: f for f in (
+    SupervisionFormat("label", BlendWeights.answer_sft(), "segment", with_trace=False),
+    SupervisionFormat("logits", BlendWeights.logit_kd(), "union", with_trace=False),
+    SupervisionFormat("cot", BlendWeights.cot_sft(), "union", with_trace=True),
+    SupervisionFormat("blended", BlendWeights(), "segment", with_trace=True),
+)}
+NAMES = tuple(FORMATS)
+TRACE_FORMATS = tuple(n for n, f in FORMATS.items() if f.with_trace)
+
+
+def get(name: str) -> SupervisionFormat:
+    """The format called `name` (one line naming the choices otherwise)."""
+    if name not in FORMATS:
+        raise ValueError(f"unknown supervision format {name!r}; choose one of {list(NAMES)}")
+    return FORMATS[name]

@@ -29,20 +29,14 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jdistill.distill import losses
+from jdistill.distill import formats, losses
+from jdistill.distill import fused
 from jdistill.utils import files as results
 from jdistill.utils import tracking
 from jdistill.models import lora as lora_lib
 from jdistill import sharding as sharding_lib
 from jdistill.models.decoder import Decoder, stack_trees
 
-# supervision format -> (blend weights, normalisation); see losses.BlendWeights
-FORMATS = {
-    "label": (losses.BlendWeights.answer_sft(), "segment"),   # CE on the answer tokens
-    "logits": (losses.BlendWeights.logit_kd(), "union"),      # KL to the teacher, same tokens
-    "cot": (losses.BlendWeights.cot_sft(), "union"),          # CE on trace + answer
-    "blended": (losses.BlendWeights(), "segment"),            # per-segment KL + CE
-}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -70,8 +64,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ValueError(f"unknown format {self.format!r}; choose one of {sorted(FORMATS)}")
+        formats.get(self.format)
         if self.kind not in losses.KINDS:
             raise ValueError(f"unknown loss kind {self.kind!r}; choose one of {losses.KINDS}")
         if self.compute_dtype not in DTYPES:
@@ -81,8 +74,8 @@ class DistillConfig:
 
     @property
     def blend(self):
-        weights, normalize = FORMATS[self.format]
-        return (self.weights or weights), normalize
+        spec = formats.get(self.format)
+        return (self.weights or spec.weights), spec.normalize
 
     @property
     def needs_teacher(self) -> bool:
@@ -193,7 +186,7 @@ def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: Di
     weights, normalize = cfg.blend
     if "topk_ids" in batch:  # offline KD from cached teacher top-k: no teacher forward
         supervised = batch["loss_mask"] * (batch["segments"] != losses.PROMPT)
-        return losses.fused_topk_kl(h_s, w_s, batch["topk_logprobs"], batch["topk_ids"],
+        return fused.fused_topk_kl(h_s, w_s, batch["topk_logprobs"], batch["topk_ids"],
                                     supervised, temperature=cfg.temperature,
                                     chunk_size=cfg.chunk_size)
     h_t = w_t = None
@@ -210,7 +203,7 @@ def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: Di
         h_s, targets, segments = (_at(x, at) for x in (h_s, targets, segments))
         h_t = None if h_t is None else _at(h_t, at)
         loss_mask = _at(loss_mask, at) * (at >= 0)
-    return losses.fused_blended_cot_loss(
+    return fused.fused_blended_cot_loss(
         h_s, w_s, h_t, w_t, targets, segments, mask=loss_mask,
         weights=weights, temperature=cfg.temperature, kind=cfg.kind, beta=cfg.beta,
         lam=cfg.lam, normalize=normalize, chunk_size=cfg.chunk_size)

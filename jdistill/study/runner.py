@@ -23,11 +23,12 @@ import jax
 import numpy as np
 
 import jdistill
+from jdistill import checkpoints
 from jdistill import pruning
-from jdistill.checkpoints import hf as checkpoint
 from jdistill.data import io as data
-from jdistill.eval import scoring as evaluate
-from jdistill.distill import formats
+from jdistill.eval import classify
+from jdistill.eval import benchmarks
+from jdistill.distill import formats, records
 from jdistill.data import batching as packing
 from jdistill.utils import files as results
 from jdistill.distill import supervision
@@ -100,7 +101,7 @@ def load_task(spec: str, train_split: str, eval_split: str) -> tasks.TaskSpec:
     return task
 
 
-class Study:
+class Runner:
     """Shared state of a sweep process: the teacher, task, caches and mesh."""
 
     def __init__(self, settings: Settings, cache_dir, *, mesh=None,
@@ -114,7 +115,7 @@ class Study:
 
     @property
     def original_teacher_dir(self) -> Path:
-        t = checkpoint.resolve(self.s.teacher)
+        t = checkpoints.resolve(self.s.teacher)
         if not (t / "config.json").exists():
             raise FileNotFoundError(f"teacher {t}: no config.json; give an HF checkpoint "
                                     "directory or a .gguf file")
@@ -242,11 +243,11 @@ class Study:
                                              batch_size=self.s.trace_batch_size,
                                              recipe="{prompt}")
         t_dir = self.teacher_dir()
-        return formats.build_records(
+        return records.build_records(
             fmt, prompts, answers, texts=[t for t, _ in examples],
             gold=[y for _, y in examples], label_names=list(self.task.label_names),
             teacher_dir=t_dir, cache_dir=self.cache / "traces", settings=settings,
-            model=self.teacher() if fmt in ("cot", "blended") else None, log=self.log)
+            model=self.teacher() if formats.get(fmt).with_trace else None, log=self.log)
 
     def _train(self, student, teacher, records, cfg, workdir, *, with_reasoning: bool,
                writer=None):
@@ -280,7 +281,7 @@ class Study:
         cfg = self.distill_config(cell, steps)
         teacher = self.teacher() if cfg.needs_teacher else None
         return self._train(student, teacher, records, cfg, workdir,
-                           with_reasoning=cell.format in ("cot", "blended"), writer=writer)
+                           with_reasoning=formats.get(cell.format).with_trace, writer=writer)
 
     def student_for(self, cell: sweep.Cell, records, workdir: Path, writer=None):
         """(trained student, train seconds, tokens seen, final train metrics) for a cell: one-shot prunes once and
@@ -321,7 +322,7 @@ class Study:
         tok = data.load_tokenizer(model.source_path or self.teacher_dir())
         examples = self.eval_examples()
         bs = self.s.eval_batch_size
-        r = evaluate.evaluate_classification(model, tok, self.task, examples, batch_size=bs,
+        r = classify.evaluate_classification(model, tok, self.task, examples, batch_size=bs,
                                              mesh=self.mesh, progress=f"{label} in-domain")
         m = {"in_domain_accuracy": r["accuracy"],
              "in_domain_accuracy_stderr": r["accuracy_stderr"],
@@ -329,8 +330,8 @@ class Study:
              "in_domain_chance": 1.0 / self.task.num_classes}
         general = {}
         for name in self.s.general:
-            items = evaluate.load_benchmark(name, limit=self.s.general_limit, seed=0)
-            g = evaluate.evaluate_mc(model, tok, items, batch_size=bs, mesh=self.mesh,
+            items = benchmarks.load_benchmark(name, limit=self.s.general_limit, seed=0)
+            g = benchmarks.evaluate_mc(model, tok, items, batch_size=bs, mesh=self.mesh,
                                      progress=f"{label} {name}")
             general[name] = {**g, "chance": float(np.mean([1 / len(it.choices)
                                                            for it in items]))}

@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 from jdistill.utils import files as results
+from jdistill.distill import formats
 
-FORMATS = ("label", "logits", "cot", "blended")
 METHODS = ("full", "lora")
 SCHEDULES = ("one_shot", "iterative")
 DESIGNS = ("star", "factorial")
@@ -65,7 +65,7 @@ class Grid:
     contrast_formats: tuple | None = None  # star: formats of the contrasts (None: all)
 
     def __post_init__(self):
-        for name, allowed in (("formats", FORMATS), ("methods", METHODS),
+        for name, allowed in (("formats", formats.NAMES), ("methods", METHODS),
                               ("schedules", SCHEDULES)):
             bad = [v for v in getattr(self, name) if v not in allowed]
             if bad or not getattr(self, name):
@@ -130,7 +130,7 @@ PRESETS = {
                   schedules=("one_shot", "iterative"), examples=(16,), design="star",
                   contrast_ratios=(2.0,), contrast_formats=("label",)),
     # the paper's grid (hours on a CPU; meant for accelerators)
-    "paper": Grid(ratios=(1.25, 1.5, 2.0, 3.0, 4.0, 6.0), formats=FORMATS,
+    "paper": Grid(ratios=(1.25, 1.5, 2.0, 3.0, 4.0, 6.0), formats=formats.NAMES,
                   methods=METHODS, schedules=SCHEDULES, examples=(250, 1000, 4000),
                   seeds=(0, 1, 2), iterative_steps=3, design="factorial",
                   contrast_ratios=(2.0,)),

@@ -1,0 +1,72 @@
+"""In-domain evaluation of a classification task: label log-likelihoods after the prompt,
+or a generated answer (with its trace) parsed back to a label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jdistill.data import tasks as tasks_lib
+from jdistill.data.tasks import parse_label
+from jdistill.eval.metrics import classification_metrics, confusion_matrix
+from jdistill.utils.progress import Progress
+from jdistill.eval.scoring import CTX_BUCKET, bucket, choice_logliks, encode, encode_pair
+
+
+def label_logliks(model, tokenizer, task, texts, *, batch_size: int = 8, mesh=None,
+                  max_length=None, progress: str | None = None) -> np.ndarray:
+    """[N, K] log-likelihood of every label's answer string given each text's prompt."""
+    requests = []
+    for text in texts:
+        p = tasks_lib.prompt(task, text)
+        pairs = [encode_pair(tokenizer, p, tasks_lib.answer(task, k))
+                 for k in range(task.num_classes)]
+        requests.append((pairs[0][0], [c for _, c in pairs]))
+    return np.stack(choice_logliks(model, requests, batch_size=batch_size, mesh=mesh,
+                                   max_length=max_length, progress=progress))
+
+
+def evaluate_classification(model, tokenizer, task, examples, *, batch_size: int = 8,
+                            mesh=None, max_length=None, progress: str | None = None) -> dict:
+    """Log-likelihood classification: accuracy, macro-F1, confusion matrix, predictions."""
+    texts = [t for t, _ in examples]
+    y_true = np.array([y for _, y in examples])
+    ll = label_logliks(model, tokenizer, task, texts, batch_size=batch_size, mesh=mesh,
+                       max_length=max_length, progress=progress)
+    y_pred = ll.argmax(axis=1)
+    return {**classification_metrics(y_true, y_pred),
+            "confusion": confusion_matrix(y_true, y_pred, task.num_classes),
+            "predictions": y_pred, "labels": y_true}
+
+
+def generate_and_parse(model, tokenizer, task, texts, *, max_new_tokens: int = 64,
+                       batch_size: int = 8, eos_token_id=None, pad_id: int = 0,
+                       progress: str | None = None) -> list[tuple[str, int | None]]:
+    """Greedy generation (`jdistill.models.generate`, batched, KV cache) for each text's prompt,
+    then `parse_label` on the output: [(generated text, label index or None)]. For CoT
+    models, whose answer follows a reasoning trace."""
+    from jdistill.models.generate import generate
+
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    out = []
+    bar = Progress(len(texts), progress or "", enabled=progress is not None)
+    for start in range(0, len(texts), batch_size):
+        chunk = [encode(tokenizer, tasks_lib.prompt(task, t))
+                 for t in texts[start:start + batch_size]]
+        s = bucket(max(len(c) for c in chunk), CTX_BUCKET)
+        tokens = np.full((batch_size, s), pad_id, np.int32)
+        mask = np.zeros((batch_size, s), bool)
+        mask[:, -1] = True
+        for r, c in enumerate(chunk):
+            tokens[r, s - len(c):], mask[r, s - len(c):] = c, True
+        new = np.asarray(generate(model, tokens, mask, max_new_tokens=max_new_tokens,
+                                  eos_token_id=eos_token_id, pad_token_id=pad_id))
+        for r in range(len(chunk)):
+            ids = new[r].tolist()
+            eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+            cut = next((i for i, x in enumerate(ids) if x in eos), len(ids))
+            text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+            out.append((text, parse_label(text, task.label_names)))
+        bar.update(len(chunk))
+    return out

@@ -1,0 +1,130 @@
+"""A study's analysis: every fit, held-out extrapolation and finding the report and the
+planner read, as one ``Analysis``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from jdistill import scaling as sc
+from jdistill.study.findings import EXTRAP_TOL_ABS, EXTRAP_TOL_SE, findings
+from jdistill.study.fits import (CurveFit, _error_xy, error_law_choice, fit_collapse, fit_error,
+                                 huber_delta)
+from jdistill.study.rows import Row, Study
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """Everything the report and planner need: the study, its fits and findings."""
+
+    study: Study
+    method: str
+    schedule: str
+    n_boot: int
+    seed: int
+    level: float
+    fits: dict  # {(format, metric): CurveFit}
+    extrapolations: dict  # {format: dict}
+    findings: list
+    notes: list
+
+    def fit_for(self, fmt: str, metric: str) -> CurveFit | None:
+        return self.fits.get((fmt, metric))
+
+    def baseline(self, fmt: str) -> list[Row]:
+        """The format's baseline cells plus the teacher rows (a fit's data)."""
+        return [*self.study.teachers, *self.study.baseline(fmt, self.method, self.schedule)]
+
+
+def analyze(study: Study, *, method: str = "full", schedule: str = "one_shot",
+            n_boot: int = 200, seed: int = 0, level: float = 0.95) -> Analysis:
+    """Fits (with bootstrap), held-out extrapolation and findings for a study.
+
+    Args:
+      study: from ``select`` / ``load_study``.
+      method, schedule: the baseline the per-format law fits use.
+      n_boot: bootstrap resamples per fit (0: no intervals; findings then use the
+        interval-free tests only).
+      seed: bootstrap seed (each fit gets seed + its index).
+      level: interval coverage.
+    """
+    if n_boot == 1 or n_boot < 0:
+        raise ValueError(f"n_boot must be 0 or >= 2, got {n_boot}")
+    notes = list(study.notes)
+    fits, extrap = {}, {}
+    if not any(c.method == method and c.schedule == schedule for c in study.cells):
+        have = sorted({(c.method, c.schedule) for c in study.cells})
+        notes.append(f"no cells with method={method!r}, schedule={schedule!r} (have {have}); "
+                     "no law fits")
+    if not study.has_general:
+        notes.append("rows have no general-benchmark scores (or no general chance level): "
+                     "general-knowledge fits and findings skipped")
+    k = 0
+    for fmt in study.formats:
+        rows = [*study.teachers, *study.baseline(fmt, method, schedule)]
+        if len(rows) == len(study.teachers):
+            notes.append(f"{fmt}: no method={method!r}, schedule={schedule!r} cells; no law "
+                         "fits for this format")
+            continue
+        jobs = [("in_domain_error", lambda s: fit_error(rows, fmt, n_boot, s, level)),
+                ("in_domain_collapse", lambda s: fit_collapse(
+                    rows, fmt, "in_domain_accuracy", study.in_domain_chance, n_boot, s, level))]
+        if study.has_general:
+            jobs.append(("general_collapse", lambda s: fit_collapse(
+                rows, fmt, "general_score", study.general_chance, n_boot, s, level)))
+        for metric, job in jobs:
+            cf, note = job(seed + k)
+            k += 1
+            if cf is not None:
+                fits[(fmt, metric)] = cf
+            if note:
+                notes.append(note)
+        extrap[fmt] = extrapolate(rows, fmt, fits.get((fmt, "in_domain_error")))
+    an = Analysis(study, method, schedule, n_boot, seed, level, fits, extrap, [], notes)
+    an.findings.extend(findings(an))
+    return an
+
+
+def extrapolate(rows: Sequence[Row], fmt: str, full_fit: CurveFit | None) -> dict:
+    """Fit the error law on rows with requested ratio below the largest, predict the rest.
+
+    Returns the held-out accuracy errors, the tolerance and whether the full-data curve is
+    non-increasing in r (checked on a grid from 1 to the largest ratio at each data size).
+    """
+    cells = [r for r in rows if not r.teacher]
+    out = {"format": fmt}
+    if not cells:
+        return {**out, "skipped": "no cells"}
+    top = max(c.ratio for c in cells)
+    train = [r for r in rows if r.ratio < top]
+    test = [r for r in rows if r.ratio == top]
+    out.update(held_out_ratio=top, n_train=len(train), n_test=len(test))
+    law, choice = error_law_choice(train)
+    if law is None:
+        return {**out, "skipped": f"training rows (ratio < {top:g}): {choice}"}
+    x, y, se_train = _error_xy(train)
+    x = {k: v for k, v in x.items() if k in law.x_names}
+    try:
+        res = sc.fit(law, x, y, delta=huber_delta(y, se_train, law.residuals))
+    except ValueError as err:
+        return {**out, "skipped": f"fit on ratio < {top:g} failed: {err}"}
+    tx = {"r": np.array([t.r for t in test]), "D": np.array([float(t.examples) for t in test])}
+    pred = 1.0 - sc.predict(law, res.theta, {k: tx[k] for k in law.x_names})
+    obs = np.array([t.acc for t in test])
+    se = np.array([t.acc_se for t in test])
+    se_rms = float(np.sqrt(np.mean(se ** 2))) if np.all(np.isfinite(se)) else math.nan
+    tol = max(EXTRAP_TOL_ABS, EXTRAP_TOL_SE * se_rms) if math.isfinite(se_rms) else EXTRAP_TOL_ABS
+    out.update(law=law.name, choice=choice, train_max_ratio=max(r.ratio for r in train),
+               predicted=pred.tolist(), observed=obs.tolist(),
+               abs_err=np.abs(pred - obs).tolist(), mean_abs_err=float(np.mean(np.abs(pred - obs))),
+               max_abs_err=float(np.max(np.abs(pred - obs))), tolerance=tol,
+               stderr_rms=se_rms)
+    if full_fit is not None:
+        rg = np.geomspace(1.0, max(r.r for r in rows), 200)
+        ds = sorted({float(d) for d in full_fit.x["D"]}) if "D" in full_fit.x else [None]
+        out["monotone"] = bool(all(np.all(np.diff(full_fit.predict(rg, d)) <= 1e-9) for d in ds))
+    return out
