@@ -6,60 +6,47 @@
 
 Every `experiments.sweep` flag works here; the demo only sets defaults (--preset=demo,
 --out=runs/demo). It runs the sweep (cached and resumable: rerunning skips what is done),
-merges the rows into OUT/results.jsonl, fits the laws and writes OUT/report/report.md with
-its plots, then prints a compression plan for a default set of constraints.
+merges the rows into OUT/results.jsonl, fits the laws once and writes OUT/report/report.md
+with its plots, then prints a compression plan for a default set of constraints
+(OUT/report/plan.json).
 """
 
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from absl import flags
 
-from experiments import cli
-from experiments import sweep as sweep_main
-from jdistill.study import sweep
+from experiments import cli, sweep_flags
+from jdistill import study as sd
+from jdistill.study import report
+from jdistill.utils import files
+from jdistill.utils.progress import fmt_time
 
 flags.FLAGS.set_default("preset", "demo")
 flags.FLAGS.set_default("out", "runs/demo")
 flags.FLAGS.set_default("original_teacher", False)  # a minute the 20-minute budget lacks
 N_BOOT = flags.DEFINE_integer("n_boot", 200, "bootstrap resamples of the law fits")
-
-
-def run_mains(*mains: tuple) -> None:
-    """Runs other mains, each as its own process (its flags are its own), side by side (the
-    report and the plan each fit the laws on one core), then prints their output in order;
-    fails loudly if any failed."""
-    cmds = [[sys.executable, "-m", *m] for m in mains]
-    procs = []
-    for cmd in cmds:
-        print(f"[demo] {' '.join(cmd)}", flush=True)
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outputs = [p.communicate()[0] for p in procs]
-    for cmd, p, output in zip(cmds, procs, outputs):
-        print(output, end="", flush=True)
-        if p.returncode:
-            raise subprocess.CalledProcessError(p.returncode, cmd, output)
+# the plan's quality budget: 95% of the teacher's in-domain accuracy, <= 10 general points lost
+MIN_IN_DOMAIN_REL, MAX_GENERAL_DROP = 0.95, 0.10
 
 
 def main(argv):
     del argv
     start = time.perf_counter()
-    sweep_main.main([])
-    if sweep_main.DRY_RUN.value or sweep_main.MERGE.value:
+    out = sweep_flags.run()
+    if out is None:  # --dry_run, --merge, one shard or one cell: no report of the whole grid
         return
-    out = Path(sweep_main.OUT.value)
-    results, n = sweep.merge_rows(out)
-    print(f"[demo] {n} rows in {results}; fitting laws and writing the report")
-    run_mains(("experiments.report", f"--results={results}", f"--out={out / 'report'}",
-               f"--n_boot={N_BOOT.value}"),
-              ("experiments.plan", f"--results={results}", "--min_in_domain_rel=0.95",
-               "--max_general_drop=0.10", f"--n_boot={N_BOOT.value}",
-               f"--out={out / 'report' / 'plan.json'}"))
-    print(f"[demo] done in {sweep_main.fmt_time(time.perf_counter() - start)}; report: "
-          f"{out / 'report' / 'report.md'}")
+    results = out / "results.jsonl"
+    print(f"[demo] fitting laws on {results} (n_boot={N_BOOT.value}) and writing the report",
+          flush=True)
+    an = sd.analyze(sd.load_study(results), n_boot=N_BOOT.value)
+    path = report.write_report(an, results, out / "report")
+    for f in sd.summary(an)["findings"]:
+        print(f"{f['status']:>15}  {f['id']}: {f['claim']}")
+    print(f"wrote {path}")
+    plan = sd.plan(an, min_in_domain_rel=MIN_IN_DOMAIN_REL, max_general_drop=MAX_GENERAL_DROP)
+    files.atomic_write_json(out / "report" / "plan.json", plan, indent=1)
+    print(sd.plan_text(plan))
+    print(f"[demo] done in {fmt_time(time.perf_counter() - start)}; report: {path}")
 
 
 if __name__ == "__main__":

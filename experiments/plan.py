@@ -44,38 +44,6 @@ def define_flags():
     flags.DEFINE_string("out", None, "Write the plan as JSON here (optional).")
 
 
-def text(p: dict) -> str:
-    """The plan as a few readable lines."""
-    c = p["constraints"]
-    lines = [f"status: {p['status']}", p["message"], "",
-             f"constraints: in-domain accuracy >= {c['min_in_domain_accuracy']:.4f} "
-             f"({c['min_in_domain_rel']:g} x teacher {c['teacher_in_domain_accuracy']:.4f})"
-             + (f"; general score >= {c['min_general_score']:.4f} (teacher "
-                f"{c['teacher_general_score']:.4f} - {c['max_general_drop']:g})"
-                if c["min_general_score"] is not None else "")
-             + (f"; <= {c['max_examples']} examples" if c["max_examples"] else "")
-             + (" (lower band edges)" if c["conservative"] else "")]
-    lines.append(f"laws fitted on method={p['method']}, schedule={p['schedule']} cells")
-    lines.append("best per format:")
-    for f in p["per_format"]:
-        if f is None:
-            continue
-        if f["ratio"] is None:
-            lines.append(f"  {f['format']:>8} D={f['examples']}: cannot meet ({f['binding']})")
-        else:
-            acc = f["in_domain_accuracy"]
-            gen = f.get("general_score")
-            lines.append(f"  {f['format']:>8} D={f['examples']}: ratio {f['ratio']:.3g}, "
-                         f"in-domain {acc['value']:.4f}"
-                         + (f", general {gen['value']:.4f}" if gen else ""))
-    ext = p.get("extrapolation") or {}
-    for w in ext.get("warnings", []):
-        lines.append(f"WARNING: {w}")
-    for n in p["notes"]:
-        lines.append(f"note: {n}")
-    return "\n".join(lines)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -89,7 +57,7 @@ def main(argv):
     if FLAGS.out:
         out = Path(FLAGS.out)
         results.atomic_write(out, json.dumps(p, indent=1))
-    print(text(p))
+    print(sd.plan_text(p))
 
 
 if __name__ == "__main__":

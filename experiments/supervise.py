@@ -31,6 +31,7 @@ from jdistill.data import io as data
 from jdistill.distill import supervision
 from jdistill.models.config import load_hf_config
 from jdistill.distill import formats
+from jdistill.utils import files
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
 DATA = flags.DEFINE_string("data", None, "records (.jsonl: prompt, answer, optional reasoning)")
@@ -65,7 +66,7 @@ def teacher_dir(path: str) -> Path:
 def cache_dir() -> Path:
     if CACHE_DIR.value:
         return Path(CACHE_DIR.value)
-    return Path(os.environ.get("JDISTILL_CACHE") or Path.home() / ".cache" / "jdistill") / "traces"
+    return files.cache_dir("traces")
 
 
 def run_traces(t_dir: Path, records: list[dict], mesh):

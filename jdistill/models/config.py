@@ -1,4 +1,10 @@
-"""One architecture config for every supported decoder family, to and from HF `config.json`."""
+"""One architecture config for every supported decoder family, to and from HF `config.json`.
+
+Where a new model family goes: one `Family` in `FAMILIES` (`register_family`), naming what
+sets it apart from the shared Llama shape — the decoder, the checkpoint names and the
+sharding rules read these fields and have no per-family branches. (GGUF files: llama.cpp's
+tensor names in `checkpoints.gguf`, Llama family only.)
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,57 @@ import json
 from pathlib import Path
 from typing import Any
 
-# model_type -> (architecture class name, qkv bias, per-head q/k RMSNorm)
-FAMILIES = {
-    "llama": ("LlamaForCausalLM", False, False),
-    "mistral": ("MistralForCausalLM", False, False),
-    "qwen2": ("Qwen2ForCausalLM", True, False),
-    "qwen3": ("Qwen3ForCausalLM", False, True),
-}
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+from jdistill.models.rope import check_rope_type, rope_type
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A decoder family, keyed by HF's `model_type`.
+
+    rejects: (HF config key, message): a checkpoint with that key set is refused with the
+      message (a variant the decoder does not implement).
+    hf_extra: (key, value) pairs written into config.json for transformers to read back.
+    """
+
+    model_type: str
+    architecture: str                 # the HF class config.json names
+    qkv_bias: bool = False            # biases on q/k/v (Qwen2)
+    qk_norm: bool = False             # per-head q/k RMSNorm before RoPE (Qwen3)
+    sliding_window: bool = False      # reads and writes HF's sliding_window (Mistral)
+    hidden_multiple_of_heads: bool = False  # transformers' config check (LlamaConfig)
+    rejects: tuple[tuple[str, str], ...] = ()
+    hf_extra: tuple[tuple[str, Any], ...] = ()
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    FAMILIES[family.model_type] = family
+    return family
+
+
+_QWEN_WINDOW = "{family} with use_sliding_window=true is not supported; set " \
+               "use_sliding_window=false in config.json"
+_LLAMA_BIAS = "Llama checkpoints with attention_bias/mlp_bias are not supported; convert " \
+              "them without biases"
+register_family(Family("llama", "LlamaForCausalLM", hidden_multiple_of_heads=True,
+                       rejects=(("attention_bias", _LLAMA_BIAS), ("mlp_bias", _LLAMA_BIAS)),
+                       hf_extra=(("attention_bias", False), ("mlp_bias", False))))
+register_family(Family("mistral", "MistralForCausalLM", sliding_window=True))
+register_family(Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True,
+                       rejects=(("use_sliding_window", _QWEN_WINDOW),),
+                       hf_extra=(("use_sliding_window", False), ("sliding_window", None))))
+register_family(Family("qwen3", "Qwen3ForCausalLM", qk_norm=True,
+                       rejects=(("use_sliding_window", _QWEN_WINDOW),),
+                       hf_extra=(("use_sliding_window", False), ("sliding_window", None),
+                                 ("attention_bias", False))))
+
+
+def get_family(model_type) -> Family:
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported family {model_type!r}; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,25 +98,24 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        if self.family not in FAMILIES:
-            raise ValueError(f"unsupported family {self.family!r}; supported: {sorted(FAMILIES)}")
+        get_family(self.family)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"unsupported rope type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+        check_rope_type(rope_type(self.rope_scaling))
+
+    @property
+    def spec(self) -> Family:
+        return FAMILIES[self.family]
 
     @property
     def qkv_bias(self) -> bool:
-        """Qwen2 has biases on q/k/v projections."""
-        return FAMILIES[self.family][1]
+        return self.spec.qkv_bias
 
     @property
     def qk_norm(self) -> bool:
-        """Qwen3 RMS-normalises each query/key head before RoPE."""
-        return FAMILIES[self.family][2]
+        return self.spec.qk_norm
 
     @property
     def num_groups(self) -> int:
@@ -98,23 +146,20 @@ def from_hf_dict(cfg: dict[str, Any]) -> ModelConfig:
         raise ValueError(
             f"unsupported architecture model_type={family!r} "
             f"(architectures={cfg.get('architectures')}); supported model types: "
-            f"{sorted(FAMILIES)} ({', '.join(a for a, _, _ in FAMILIES.values())})"
+            f"{sorted(FAMILIES)} ({', '.join(f.architecture for f in FAMILIES.values())})"
         )
-    if family == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
-        raise ValueError("Llama checkpoints with attention_bias/mlp_bias are not supported; "
-                         "convert them without biases")
-    if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
-        raise ValueError(f"{family} with use_sliding_window=true is not supported; "
-                         "set use_sliding_window=false in config.json")
+    spec = FAMILIES[family]
+    for key, message in spec.rejects:
+        if cfg.get(key):
+            raise ValueError(message.format(family=family))
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act={cfg['hidden_act']!r}; only 'silu' (SwiGLU)")
     # transformers 5 nests theta and scaling under rope_parameters; 4.x has them top level.
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"unsupported rope type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
-    rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    check_rope_type(kind)
+    rope_scaling = None if kind == "default" else {**rope, "rope_type": kind}
     heads = cfg["num_attention_heads"]
     return ModelConfig(
         family=family,
@@ -129,7 +174,7 @@ def from_hf_dict(cfg: dict[str, Any]) -> ModelConfig:
         rope_theta=float(theta),
         rope_scaling=rope_scaling,
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        sliding_window=cfg.get("sliding_window") if family == "mistral" else None,
+        sliding_window=cfg.get("sliding_window") if spec.sliding_window else None,
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
@@ -143,7 +188,7 @@ def to_hf_dict(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     if config.rope_scaling is not None:
         rope_parameters.update(dict(config.rope_scaling))
     out = {
-        "architectures": [FAMILIES[config.family][0]],
+        "architectures": [config.spec.architecture],
         "model_type": config.family,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -165,14 +210,9 @@ def to_hf_dict(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    if config.family == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
-    if config.family == "mistral":
+    out.update(config.spec.hf_extra)
+    if config.spec.sliding_window:
         out["sliding_window"] = config.sliding_window
-    if config.family in ("qwen2", "qwen3"):
-        out.update(use_sliding_window=False, sliding_window=None)
-    if config.family == "qwen3":
-        out["attention_bias"] = False
     return out
 
 

@@ -15,7 +15,6 @@ reassociating a masked reduction: ~1 ulp).
 
 from __future__ import annotations
 
-import math
 
 import flax.struct
 import jax
@@ -24,6 +23,7 @@ from flax import nnx
 
 from jdistill import sharding as sharding_lib
 from jdistill.models.config import ModelConfig
+from jdistill.models.rope import apply_rope, rope_inv_freq
 
 MASK_SHAPES = {
     "heads": lambda c: (c.num_layers, c.num_heads),
@@ -67,36 +67,6 @@ def rms_norm(x, weight, eps, channel_mask=None):
         var = jnp.mean(x * x * m, axis=-1, keepdims=True) * (m.shape[-1] / jnp.sum(m))
     y = weight * (x * jax.lax.rsqrt(var + eps)).astype(dtype)
     return y if channel_mask is None else y * channel_mask.astype(y.dtype)
-
-
-def rope_inv_freq(config: ModelConfig):
-    """Inverse frequencies [head_dim/2], with Llama 3.1 frequency scaling when configured."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    if config.rope_scaling is None:
-        return inv_freq
-    s = dict(config.rope_scaling)
-    # transformers' _compute_llama3_parameters: scale long wavelengths, interpolate the middle.
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return jnp.where(is_medium, smoothed, scaled)
-
-
-def rotate_half(x):
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def apply_rope(x, cos, sin):
-    """x [B, T, H, hd]; cos/sin [B, T, hd] in f32, cast to x's dtype as HF does."""
-    cos = cos[:, :, None, :].astype(x.dtype)
-    sin = sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotate_half(x) * sin
 
 
 def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None):

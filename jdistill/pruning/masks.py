@@ -72,7 +72,7 @@ def check_dims(config: ModelConfig, dims: Dims, *, kv_groups: bool = False) -> N
 def hidden_multiple(config: ModelConfig, heads: int) -> int:
     """transformers' LlamaConfig validates hidden_size % num_attention_heads == 0 (even with an
     explicit head_dim); the other families do not."""
-    return heads if config.family == "llama" else 1
+    return heads if config.spec.hidden_multiple_of_heads else 1
 
 
 def _dims_at(config: ModelConfig, scale: float, axes, kv_groups: bool) -> Dims:

@@ -1,8 +1,9 @@
 """A study: compression experiments run as a sweep, their rows, and what the rows show.
 
 rows (the results-row schema), sweep (grids and presets), runner (runs the cells), fits,
-statistics, analysis, findings and planner (pure functions of the rows). The analysis names
-are re-exported here; import sweep and runner from their modules.
+statistics, analysis, findings, planner (pure functions of the rows) and report (renders an
+analysis). The analysis names are re-exported here; import sweep, runner and report from
+their modules.
 """
 
 from jdistill.study.rows import (STUDY_MAINS, TEACHER_MAINS, load_study, parse_row, Row, select,
@@ -14,4 +15,4 @@ from jdistill.study.statistics import (Z, combine, decide, paired_difference, re
 from jdistill.study.analysis import (Analysis, analyze, extrapolate)
 from jdistill.study.findings import (EXTRAP_TOL_ABS, EXTRAP_TOL_SE, FINDING_NUMBERS, findings,
                                      summary, to_json)
-from jdistill.study.planner import (plan)
+from jdistill.study.planner import (plan, plan_text)

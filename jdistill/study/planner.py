@@ -205,3 +205,35 @@ def _extrapolation(best: dict) -> dict:
     out["extrapolated"] = bool(warnings)
     out["warnings"] = warnings
     return out
+
+
+def plan_text(p: dict) -> str:
+    """The plan as a few readable lines."""
+    c = p["constraints"]
+    lines = [f"status: {p['status']}", p["message"], "",
+             f"constraints: in-domain accuracy >= {c['min_in_domain_accuracy']:.4f} "
+             f"({c['min_in_domain_rel']:g} x teacher {c['teacher_in_domain_accuracy']:.4f})"
+             + (f"; general score >= {c['min_general_score']:.4f} (teacher "
+                f"{c['teacher_general_score']:.4f} - {c['max_general_drop']:g})"
+                if c["min_general_score"] is not None else "")
+             + (f"; <= {c['max_examples']} examples" if c["max_examples"] else "")
+             + (" (lower band edges)" if c["conservative"] else "")]
+    lines.append(f"laws fitted on method={p['method']}, schedule={p['schedule']} cells")
+    lines.append("best per format:")
+    for f in p["per_format"]:
+        if f is None:
+            continue
+        if f["ratio"] is None:
+            lines.append(f"  {f['format']:>8} D={f['examples']}: cannot meet ({f['binding']})")
+        else:
+            acc = f["in_domain_accuracy"]
+            gen = f.get("general_score")
+            lines.append(f"  {f['format']:>8} D={f['examples']}: ratio {f['ratio']:.3g}, "
+                         f"in-domain {acc['value']:.4f}"
+                         + (f", general {gen['value']:.4f}" if gen else ""))
+    ext = p.get("extrapolation") or {}
+    for w in ext.get("warnings", []):
+        lines.append(f"WARNING: {w}")
+    for n in p["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)

@@ -36,6 +36,8 @@ from jdistill.study import sweep
 from jdistill.data import tasks
 from jdistill.distill import train
 from jdistill.pruning import report as prune_report
+from jdistill.utils import tracking
+from jdistill.utils.progress import fmt_time
 
 
 SHORT_RUN_STEPS = 50  # runs shorter than this are not checkpointed
@@ -399,3 +401,50 @@ class Runner:
                          "tokens_seen": tokens},
                 "settings": self.s.as_dict(), "metrics": metrics,
                 "train_seconds": train_s, "train_metrics": train_metrics, "wall_time_s": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------ the sweep
+
+
+def enable_compilation_cache(directory) -> None:
+    """Persist XLA executables in `directory` (beside the stage cache): a rerun (or another
+    shard on the same file system) skips the minutes a CPU spends compiling a 30-layer step."""
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+def run_sweep(out: Path, g: sweep.Grid, s: Settings, cells, *, cache_dir, mesh=None,
+              loggers=(), original_teacher: bool = True, log=print) -> int:
+    """Teacher rows, then every unfinished cell (each logged to `loggers`, one tracking run
+    per cell); returns the number of cells run. Resumable: finished cells are skipped."""
+    study = Runner(s, cache_dir, mesh=mesh, log=log)
+    start = time.perf_counter()
+    refs = [("teacher", True)] + ([("teacher-original", False)]
+                                  if original_teacher and s.correction_steps else [])
+    for name, corrected in refs:
+        if not sweep.is_done(out, name):
+            log(f"[sweep] evaluating the {'corrected ' if corrected else 'original '}teacher")
+            sweep.write_row(out, name, study.teacher_row(corrected))
+    todo = [c for c in cells if not sweep.is_done(out, c.id)]
+    log(f"[sweep] {len(cells)} cells in this shard, {len(cells) - len(todo)} done, "
+        f"{len(todo)} to run")
+    cell_times = []
+    for i, cell in enumerate(todo, 1):
+        eta = (f", ETA {fmt_time(sum(cell_times) / len(cell_times) * (len(todo) - i + 1))}"
+               if cell_times else "")
+        log(f"[sweep] cell {i}/{len(todo)} {cell.id} (elapsed "
+            f"{fmt_time(time.perf_counter() - start)}{eta})")
+        t0 = time.perf_counter()
+        with tracking.open_writer(loggers, logdir=out / "cells" / cell.id / "logs",
+                                  run=cell.id, group=out.resolve().name,
+                                  config={**cell.as_dict(), **s.as_dict()}) as writer:
+            row = study.run_cell(cell, out / "cells" / cell.id, writer)
+            writer.summary(row["metrics"])
+        sweep.write_row(out, cell.id, row)
+        cell_times.append(time.perf_counter() - t0)
+        m = row["metrics"]
+        log(f"[sweep] {cell.id}: ratio {row['compression_ratio']:.2f}, in-domain acc "
+            f"{m['in_domain_accuracy']:.3f}" + (f", general {m['general_score']:.3f}"
+                                                 if "general_score" in m else "")
+            + f" ({fmt_time(cell_times[-1])})")
+    return len(todo)

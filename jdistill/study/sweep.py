@@ -137,6 +137,26 @@ PRESETS = {
 }
 
 
+# each grid preset's run settings (`runner.Settings` fields); demo-sized: minutes per cell on
+# a 2-core CPU with the 135M teacher
+SETTINGS_PRESETS = {
+    # (rows of 128 tokens pack two ~60-token prompts + answers: 4 rows ~ 8 examples a step)
+    # (evaluation sizes are whole batches of eval_batch_size=16: a part batch costs a full one)
+    "demo": dict(eval_examples=48, general=("arc_easy", "piqa"), general_limit=16,
+                 correction_steps=10, correction_examples=256,
+                 correction_learning_rate=1e-4, steps=6, batch_size=4,
+                 seq_len=128, calib_samples=32, trace_max_new_tokens=24),
+    "smoke": dict(eval_examples=16, general=("arc_easy",), general_limit=16,
+                  correction_steps=2, correction_examples=32, correction_learning_rate=1e-4,
+                  steps=2, batch_size=2, seq_len=128, calib_samples=8, trace_max_new_tokens=8),
+    "paper": dict(eval_examples=1000, general=("arc_easy", "arc_challenge", "hellaswag",
+                                               "piqa", "boolq", "openbookqa", "mmlu"),
+                  general_limit=500, correction_steps=300, correction_examples=4000,
+                  steps=500, batch_size=32, seq_len=256, calib_samples=512,
+                  trace_max_new_tokens=96),
+}
+
+
 def grid_from(preset: str | None, config_file: str | None = None, **overrides) -> Grid:
     """A grid: the preset's (or the defaults), then a JSON config file's keys, then flags
     (`overrides` whose value is not None)."""
@@ -237,3 +257,19 @@ def cached_stage(cache_dir, kind: str, key: str, build, log=print) -> Path:
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def check_out_dir(out: Path, grid: Grid, settings: dict) -> None:
+    """OUT holds rows of one grid + settings only: refuses (ValueError) to mix in rows of
+    other settings, then records these in OUT/sweep.json."""
+    spec = {"grid": grid.as_dict(), "settings": settings}
+    path = Path(out) / "sweep.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("settings") != json.loads(json.dumps(spec["settings"])):
+            diff = sorted(k for k in spec["settings"]
+                          if old.get("settings", {}).get(k) != json.loads(
+                              json.dumps(spec["settings"][k])))
+            raise ValueError(f"{out} holds a sweep with other settings ({diff}); its rows "
+                             "would not be comparable. Use another --out, or delete it.")
+    results.atomic_write(path, json.dumps(spec, indent=1))

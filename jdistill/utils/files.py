@@ -17,6 +17,15 @@ import uuid
 from pathlib import Path
 
 
+CACHE_ENV = "JDISTILL_CACHE"
+
+
+def cache_dir(kind: str) -> Path:
+    """Where cached work of `kind` (gguf, stages, traces, xla) lives:
+    $JDISTILL_CACHE/KIND, default ~/.cache/jdistill/KIND. The one cache root."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jdistill") / kind
+
+
 def git_sha(cwd=None) -> str | None:
     """The checked-out commit of the code that ran (None outside a git checkout)."""
     here = cwd or Path(__file__).resolve().parent

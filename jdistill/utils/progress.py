@@ -24,3 +24,7 @@ class Progress:
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             print(f"{self.desc}: {self.done}/{self.total} items, {rate:.1f} items/s, "
                   f"ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def fmt_time(s: float) -> str:
+    return f"{int(s // 60)}m{int(s % 60):02d}s"

@@ -519,7 +519,7 @@ def test_chunked_memory_at_most_15_percent_of_naive():
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "loss_memory.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "loss_memory.py"
     spec = importlib.util.spec_from_file_location("loss_memory", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import jdistill
-from tests.hf_models import VARIANTS, hf_logits, padded_batch, save_hf_model
+from tests.hf_models import VARIANTS, hf_logits, padded_batch
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_logits_match_transformers(variant, tmp_path):
-    hf = save_hf_model(variant, tmp_path)
-    ours = jdistill.load_pretrained(tmp_path, dtype="float32")
+def test_logits_match_transformers(variant, tiny_checkpoint):
+    ckpt = tiny_checkpoint(variant)
+    hf = ckpt.hf_model
+    ours = jdistill.load_pretrained(ckpt.path, dtype="float32")
     ids, mask = padded_batch()
     got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     ref = hf_logits(hf, ids, mask)
@@ -23,9 +24,10 @@ def test_logits_match_transformers(variant, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["llama3", "qwen2_tied", "qwen3", "mistral"])
-def test_greedy_generation_matches_transformers(variant, tmp_path):
-    hf = save_hf_model(variant, tmp_path)
-    ours = jdistill.load_pretrained(tmp_path)
+def test_greedy_generation_matches_transformers(variant, tiny_checkpoint):
+    ckpt = tiny_checkpoint(variant)
+    hf = ckpt.hf_model
+    ours = jdistill.load_pretrained(ckpt.path)
     ids = np.random.default_rng(1).integers(3, 97, (2, 6))
     mask = np.ones_like(ids)
     mask[1, :2] = 0  # left padding, as generation needs
@@ -38,9 +40,9 @@ def test_greedy_generation_matches_transformers(variant, tmp_path):
     np.testing.assert_array_equal(got, ref_new)
 
 
-def test_generation_stops_at_eos_and_pads(tmp_path):
-    save_hf_model("llama3", tmp_path)
-    model = jdistill.load_pretrained(tmp_path)
+def test_generation_stops_at_eos_and_pads(tiny_checkpoint):
+    ckpt = tiny_checkpoint("llama3")
+    model = jdistill.load_pretrained(ckpt.path)
     ids = np.array([[5, 6, 7, 8]])
     free = np.asarray(jdistill.generate(model, ids, max_new_tokens=8))[0]
     eos = int(free[2])  # make the third generated token an EOS
@@ -51,9 +53,9 @@ def test_generation_stops_at_eos_and_pads(tmp_path):
     assert (stopped[first + 1:] == 0).all()
 
 
-def test_sampling_is_seeded_and_top_p_limits_support(tmp_path):
-    save_hf_model("qwen3", tmp_path)
-    model = jdistill.load_pretrained(tmp_path)
+def test_sampling_is_seeded_and_top_p_limits_support(tiny_checkpoint):
+    ckpt = tiny_checkpoint("qwen3")
+    model = jdistill.load_pretrained(ckpt.path)
     ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
     kw = dict(max_new_tokens=12, temperature=1.0)
     a = np.asarray(jdistill.generate(model, ids, rng=jax.random.key(3), **kw))
@@ -68,16 +70,17 @@ def test_sampling_is_seeded_and_top_p_limits_support(tmp_path):
     np.testing.assert_array_equal(nucleus, greedy)
 
 
-def test_generate_rejects_right_padding(tmp_path):
-    save_hf_model("qwen3", tmp_path)
-    model = jdistill.load_pretrained(tmp_path)
+def test_generate_rejects_right_padding(tiny_checkpoint):
+    ckpt = tiny_checkpoint("qwen3")
+    model = jdistill.load_pretrained(ckpt.path)
     with pytest.raises(ValueError, match="left padding"):
         jdistill.generate(model, np.array([[5, 6, 0]]), np.array([[1, 1, 0]]), max_new_tokens=2)
 
 
-def test_bfloat16_load_tracks_float32(tmp_path):
-    hf = save_hf_model("qwen2_untied", tmp_path)
-    ours = jdistill.load_pretrained(tmp_path, dtype="bfloat16")
+def test_bfloat16_load_tracks_float32(tiny_checkpoint):
+    ckpt = tiny_checkpoint("qwen2_untied")
+    hf = ckpt.hf_model
+    ours = jdistill.load_pretrained(ckpt.path, dtype="bfloat16")
     assert ours.embed_tokens[...].dtype == jnp.bfloat16
     ids, mask = padded_batch()
     got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float32)

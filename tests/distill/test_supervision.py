@@ -25,7 +25,7 @@ from jdistill.distill import train
 from jdistill.models.decoder import jit_forward
 from tests.hf_models import VOCAB, save_hf_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INSTRUCTION = ["Think", "step", "by", ",", "then", "give", "the", "label", "."]
 BOS, EOS = 1, 2
 
@@ -280,11 +280,11 @@ def test_topk_refuses_a_temperature_it_was_not_cached_at(teacher, full_topk, tmp
         train.batch_loss(params, None, micro, s_graphdef=graphdef, t_graphdef=None, cfg=cfg)
 
 
-def test_offline_topk_kd_equals_online_teacher_kl(teacher, full_topk, tmp_path):
+def test_offline_topk_kd_equals_online_teacher_kl(teacher, full_topk, tiny_checkpoint):
     t_path, _, t_model, _ = teacher
     encoded, cache = full_topk
-    save_hf_model("qwen3", tmp_path / "student", seed=1)
-    student = jdistill.load_pretrained(tmp_path / "student", dtype="float32")
+    ckpt = tiny_checkpoint("qwen3", seed=1)
+    student = jdistill.load_pretrained(ckpt.path, dtype="float32")
     cfg = train.DistillConfig(steps=1, format="logits")
     s_graphdef, _ = nnx.split(student)
     t_graphdef, _ = nnx.split(t_model)

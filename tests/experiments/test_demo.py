@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from jdistill.study import sweep
-from tests.test_sweep import ROOT, _env, make_study_inputs
+from tests.study.test_sweep import ROOT, _env, make_study_inputs
 
 
 @pytest.mark.slow

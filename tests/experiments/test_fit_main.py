@@ -11,7 +11,7 @@ import pytest
 from jdistill.data import io as data_lib
 from jdistill import scaling as sc
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHIN = data_lib.data_file("scaling/chinchilla_epoch_svg_extracted.csv")  # shipped
 
 

@@ -52,9 +52,9 @@ CASES = {
 
 @pytest.mark.parametrize("variant", FAMILIES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_masked_equals_sliced(variant, case, tmp_path):
-    save_hf_model(variant, tmp_path)
-    model = jdistill.load_pretrained(tmp_path)
+def test_masked_equals_sliced(variant, case, tiny_checkpoint):
+    ckpt = tiny_checkpoint(variant)
+    model = jdistill.load_pretrained(ckpt.path)
     c = model.config
     dims = pruning.Dims.of(c)
     dims = pruning.Dims(**{**dims.as_dict(), **CASES[case]})
@@ -70,15 +70,15 @@ def test_masked_equals_sliced(variant, case, tmp_path):
 
 @needs_8
 @pytest.mark.parametrize("variant", FAMILIES)
-def test_masked_equals_sliced_sharded(variant, tmp_path):
-    save_hf_model(variant, tmp_path)
+def test_masked_equals_sliced_sharded(variant, tiny_checkpoint):
+    ckpt = tiny_checkpoint(variant)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    model = jdistill.load_pretrained(tmp_path, mesh=mesh)
+    model = jdistill.load_pretrained(ckpt.path, mesh=mesh)
     c = model.config
     dims = pruning.Dims(**{**pruning.Dims.of(c).as_dict(), **CASES["all"]})
     batches = [tuple(sharding.shard_batch(a, mesh) for a in b) for b in _batches(c.vocab_size)]
     scores = pruning.compute_scores(model, batches)
-    single = jdistill.load_pretrained(tmp_path)
+    single = jdistill.load_pretrained(ckpt.path)
     ref = pruning.compute_scores(single, _batches(c.vocab_size))
     for k in ("heads", "mlp", "hidden", "layers"):
         np.testing.assert_allclose(np.asarray(scores[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-6)
@@ -245,9 +245,9 @@ def test_iterative_prune_rescores_and_calls_the_step_hook():
 
 
 @pytest.mark.parametrize("variant", ["llama3", "mistral", "qwen2_tied", "qwen2_untied", "qwen3"])
-def test_pruned_export_opens_in_transformers(variant, tmp_path):
-    save_hf_model(variant, tmp_path / "teacher")
-    model = jdistill.load_pretrained(tmp_path / "teacher")
+def test_pruned_export_opens_in_transformers(variant, tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint(variant)
+    model = jdistill.load_pretrained(ckpt.path)
     dims = pruning.Dims(**{**pruning.Dims.of(model.config).as_dict(), **CASES["all"]})
     small = pruning.slice_model(model, _random_masks(model.config, dims))
     jdistill.save_pretrained(small, tmp_path / "student")

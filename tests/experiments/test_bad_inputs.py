@@ -16,7 +16,7 @@ import transformers
 
 from tests.hf_models import make_hf_model, save_hf_model, save_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def world(tmp_path_factory):
     """Inputs, good and bad, shared by every case."""
     import gguf
 
-    from tests.test_gguf import _copy_with, write_gguf
+    from tests.checkpoints.test_gguf import _copy_with, write_gguf
 
     w = tmp_path_factory.mktemp("world")
     save_hf_model("llama_mqa", w / "model")

@@ -316,12 +316,13 @@ def test_paired_difference_stderr_is_the_larger_estimate():
 
 
 def test_rows_without_general_metrics_skip_general_analyses(tmp_path):
-    from experiments import report
+    from jdistill.study import report
 
     rows = synthetic_rows(ratios=(1.5, 2, 3, 4), ds=(64,), formats=("label", "blended"),
                           methods=("full", "lora"), schedules=("one_shot",), general=False)
-    path = report.write_report(write_jsonl(tmp_path / "r.jsonl", rows), tmp_path / "out",
-                               n_boot=10)
+    results_path = write_jsonl(tmp_path / "r.jsonl", rows)
+    path = report.write_report(
+        sd.analyze(sd.load_study(results_path), n_boot=10), results_path, tmp_path / "out")
     text = path.read_text()
     assert "general-benchmark scores" in text and "not measured" in text
     assert (tmp_path / "out" / "in_domain.png").exists()
@@ -337,11 +338,13 @@ def test_rows_without_general_metrics_skip_general_analyses(tmp_path):
 
 
 def test_report_writes_markdown_json_and_plots(tmp_path, factorial):
-    from experiments import report
+    from jdistill.study import report
 
     rows, _ = factorial
     out = tmp_path / "rep"
-    path = report.write_report(write_jsonl(tmp_path / "results.jsonl", rows), out, n_boot=20)
+    results_path = write_jsonl(tmp_path / "results.jsonl", rows)
+    path = report.write_report(
+        sd.analyze(sd.load_study(results_path), n_boot=20), results_path, out)
     assert path == out / "report.md"
     text = path.read_text()
     fits = json.loads((out / "fits.json").read_text())

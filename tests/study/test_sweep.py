@@ -12,7 +12,7 @@ import pytest
 from jdistill.study import sweep
 from tests.hf_models import make_hf_model, save_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_star_grid_has_every_comparison_the_findings_need():

@@ -23,23 +23,7 @@ from jdistill.models import lora
 from jdistill.data import batching as packing
 from jdistill.distill import train
 from jdistill.distill import formats
-from tests.hf_models import make_hf_model, save_tokenizer
 
-PROMPTS = ["the fed holds rates", "markets rally", "the quick brown fox", "the lazy dog jumps"]
-ANSWERS = ["rates", "markets", "fox", "dog"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    make_hf_model("llama3", seed=0).save_pretrained(root / "teacher")
-    make_hf_model("llama3", seed=1, num_hidden_layers=1).save_pretrained(root / "student")
-    for name in ("teacher", "student"):
-        save_tokenizer(root / name)
-    records = [{"prompt": p, "reasoning": f"it says {p} so", "answer": a}
-               for p, a in zip(PROMPTS, ANSWERS)] * 4
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root
 
 
 def _encoded(root):
@@ -243,7 +227,7 @@ def test_training_on_packed_rows_uses_the_documents(models, tmp_path):
 
 
 def test_bad_configs_are_explained():
-    with pytest.raises(ValueError, match="unknown format 'kd'"):
+    with pytest.raises(ValueError, match="unknown supervision format 'kd'"):
         train.DistillConfig(steps=1, format="kd")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         train.DistillConfig(steps=0)

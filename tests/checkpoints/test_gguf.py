@@ -17,7 +17,7 @@ import jdistill
 from jdistill.checkpoints import gguf as gg
 from tests.hf_models import hf_logits, make_hf_model, padded_batch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 Q = gguf.GGMLQuantizationType
 # A 97-token byte-level vocabulary (the tiny models' size): 3 control tokens + printable ASCII.
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -7,7 +7,7 @@ import glob
 import pytest
 
 from jdistill.utils import tracking
-from tests.test_train import _tensorboard_scalars
+from tests.distill.test_train import _tensorboard_scalars
 
 
 def test_tensorboard_scalars_summaries_and_shifted_steps(tmp_path):

@@ -22,7 +22,7 @@ from jdistill.eval import classify
 from jdistill.eval import benchmarks
 from tests.hf_models import save_hf_model, save_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

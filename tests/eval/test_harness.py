@@ -105,7 +105,7 @@ def test_arg_string_mesh_and_bad_args(pair):
 
 
 def test_gguf_as_pretrained(pair, tmp_path):
-    from tests.test_gguf import write_gguf
+    from tests.checkpoints.test_gguf import write_gguf
 
     ours, _, _ = pair
     hf = make_hf_model("llama_mqa")
@@ -203,7 +203,7 @@ def test_evaluate_main_writes_harness_metrics_into_the_row(pair, tmp_path):
         [sys.executable, "-m", "experiments.evaluate", f"--model={root / 'model'}", "--task=",
          "--harness_tasks=tiny_mc", f"--harness_include={tasks_dir}", "--harness_limit=4",
          "--max_length=48", f"--out={tmp_path / 'out'}"],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
         timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row, = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
@@ -213,7 +213,7 @@ def test_evaluate_main_writes_harness_metrics_into_the_row(pair, tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "experiments.evaluate", f"--model={root / 'model'}", "--task=",
          "--harness_tasks=no_such_task", f"--out={tmp_path / 'bad'}"],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
         timeout=600)
     assert bad.returncode == 2 and "unknown lm-evaluation-harness task(s) ['no_such_task']" \
         in bad.stderr and not (tmp_path / "bad").exists()

@@ -1,7 +1,7 @@
 """End-to-end tests of ``python -m experiments.plan`` and ``python -m experiments.report``.
 
 Each main runs in its own process (absl flags are global). Rows come from the synthetic
-generator of tests/test_study.py (known laws + noise); bootstraps are small to stay fast.
+generator of tests/study/test_analysis.py (known laws + noise); bootstraps are small to stay fast.
 """
 
 import json
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_study import synthetic_rows, write_jsonl
+from tests.study.test_analysis import synthetic_rows, write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(module, *args):
@@ -43,14 +43,13 @@ def test_plan_main_recommends_and_writes_json(results, tmp_path):
 
 
 def test_plan_text_says_infeasible_and_warns_on_extrapolation(results):
-    from experiments import plan as plan_main  # flags are defined only under __main__
     from jdistill import study as sd
 
     an = sd.analyze(sd.load_study(results), n_boot=0)
-    text = plan_main.text(sd.plan(an, min_in_domain_rel=1.05, max_general_drop=0.0))
+    text = sd.plan_text(sd.plan(an, min_in_domain_rel=1.05, max_general_drop=0.0))
     assert text.startswith("status: infeasible")
     assert "cannot be met" in text and "cannot meet" in text
-    text = plan_main.text(sd.plan(an, min_in_domain_rel=0.5, max_examples=1000,
+    text = sd.plan_text(sd.plan(an, min_in_domain_rel=0.5, max_examples=1000,
                                   formats=["label"]))
     assert text.startswith("status: feasible")
     assert "with label supervision on 1000 examples" in text

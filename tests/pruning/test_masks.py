@@ -6,14 +6,14 @@ import pytest
 
 import jdistill
 from jdistill.models.decoder import init_model, ones_masks
-from tests.hf_models import padded_batch, save_hf_model
+from tests.hf_models import padded_batch
 
 
 @pytest.mark.parametrize("variant", ["llama3", "qwen2_untied", "qwen3"])
-def test_all_ones_masks_are_no_ops(variant, tmp_path):
+def test_all_ones_masks_are_no_ops(variant, tiny_checkpoint):
     """Exact in arithmetic; XLA may reassociate a masked reduction differently (~1 ulp)."""
-    save_hf_model(variant, tmp_path)
-    model = jdistill.load_pretrained(tmp_path)
+    ckpt = tiny_checkpoint(variant)
+    model = jdistill.load_pretrained(ckpt.path)
     ids, mask = padded_batch()
     plain = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     for name, m in ones_masks(model.config).items():

@@ -11,7 +11,6 @@ import transformers
 from flax import nnx
 
 import jdistill
-from jdistill.checkpoints import hf as checkpoint
 from jdistill.checkpoints import safetensors as safetensors_files
 from tests.hf_models import hf_logits, padded_batch, save_hf_model
 
@@ -51,9 +50,9 @@ def test_sharded_checkpoints_load_and_save(tmp_path):
     assert np.abs(hf_logits(reloaded, ids, mask) - _logits(ours, ids, mask))[real].max() <= 1e-4
 
 
-def test_bfloat16_save_keeps_dtype(tmp_path):
-    save_hf_model("llama3", tmp_path / "src")
-    ours = jdistill.load_pretrained(tmp_path / "src", dtype="bfloat16")
+def test_bfloat16_save_keeps_dtype(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("llama3")
+    ours = jdistill.load_pretrained(ckpt.path, dtype="bfloat16")
     jdistill.save_pretrained(ours, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     again = jdistill.load_pretrained(tmp_path / "out")
@@ -62,9 +61,9 @@ def test_bfloat16_save_keeps_dtype(tmp_path):
                                   np.asarray(ours.embed_tokens[...], np.float32))
 
 
-def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
-    save_hf_model("qwen3", tmp_path / "src")
-    model = jdistill.load_pretrained(tmp_path / "src")
+def test_crash_mid_save_leaves_previous_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
+    ckpt = tiny_checkpoint("qwen3")
+    model = jdistill.load_pretrained(ckpt.path)
     jdistill.save_pretrained(model, tmp_path / "out")
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     calls = []
@@ -131,10 +130,10 @@ def test_tensor_names_not_matching_config(tmp_path):
         jdistill.load_pretrained(tmp_path)
 
 
-def test_unknown_dtype(tmp_path):
-    save_hf_model("qwen3", tmp_path)
+def test_unknown_dtype(tiny_checkpoint):
+    ckpt = tiny_checkpoint("qwen3")
     with pytest.raises(ValueError, match=r"unknown dtype 'float8'.*bfloat16"):
-        jdistill.load_pretrained(tmp_path, dtype="float8")
+        jdistill.load_pretrained(ckpt.path, dtype="float8")
 
 
 def test_index_naming_missing_file(tmp_path):
@@ -146,7 +145,7 @@ def test_index_naming_missing_file(tmp_path):
 
 
 def test_save_overwrites_existing_directory(tmp_path):
-    save_hf_model("qwen3", tmp_path / "src")
+    save_hf_model("qwen3", tmp_path / "src")  # its own: the test deletes it
     model = jdistill.load_pretrained(tmp_path / "src")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("old")
@@ -157,8 +156,9 @@ def test_save_overwrites_existing_directory(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["qwen2_tied", "qwen3", "llama3"])
-def test_parameter_count_matches_transformers(variant, tmp_path):
-    hf = save_hf_model(variant, tmp_path)
-    ours = jdistill.load_pretrained(tmp_path)
+def test_parameter_count_matches_transformers(variant, tiny_checkpoint):
+    ckpt = tiny_checkpoint(variant)
+    hf = ckpt.hf_model
+    ours = jdistill.load_pretrained(ckpt.path)
     n_ours = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(ours, nnx.Param)))
     assert ours.config.num_params() == n_ours == hf.num_parameters()

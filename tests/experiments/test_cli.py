@@ -10,7 +10,7 @@ import pytest
 
 from experiments import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_main_is_a_subcommand():
