@@ -33,35 +33,24 @@ from jdistill.utils import tracking
 from jdistill.distill import train
 from jdistill.models.config import load_hf_config
 from jdistill.distill import formats
+from jdistill.study import rows
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
 STUDENT = flags.DEFINE_string("student", None, "HF checkpoint directory of the student to train")
 DATA = flags.DEFINE_string("data", None, "training records (.jsonl: prompt, answer, reasoning)")
 OUT = flags.DEFINE_string("out", None, "output directory for the trained student")
-FORMAT = flags.DEFINE_enum("format", "blended", list(formats.NAMES), "supervision format")
-LOSS = flags.DEFINE_enum("loss", "forward", list(losses.KINDS), "divergence of the KL terms")
-TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "distillation temperature")
 WEIGHTS = flags.DEFINE_string("weights", None, "blend weights overriding the format's, e.g. "
                               "trace_kl=1,trace_ce=0.5,answer_kl=1,answer_ce=1")
 TOPK = flags.DEFINE_string("topk", None, "cached teacher top-k log-probs (offline KD)")
-LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank; 0 trains every parameter")
-LORA_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (scale alpha / rank)")
-LORA_DROPOUT = flags.DEFINE_float("lora_dropout", 0.0, "LoRA input dropout")
-STEPS = flags.DEFINE_integer("steps", 100, "optimizer steps")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per micro-batch")
 ACCUM = flags.DEFINE_integer("accum", 1, "micro-batches per optimizer step")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "tokens per sequence (longer are cut)")
 PACK = flags.DEFINE_bool("pack", False, "pack several short examples into each seq_len row "
                          "(each attends only to itself; fewer padded positions per step)")
-LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-4, "peak learning rate")
-WARMUP = flags.DEFINE_integer("warmup_steps", 0, "linear warm-up steps")
-WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay")
-CLIP = flags.DEFINE_float("clip_norm", 1.0, "global gradient-norm clip")
-DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype")
-COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", list(train.DTYPES),
-                                  "forward/backward dtype (master weights stay in --dtype)")
-CHUNK = flags.DEFINE_integer("chunk_size", 512, "tokens per chunk of the fused lm-head loss")
-SEED = flags.DEFINE_integer("seed", 0, "data order, LoRA init and dropout seed")
+# the optimisation's flags are DistillConfig's fields (their defaults and help live there)
+CONFIG = common.define_config_flags(train.DistillConfig, names={"kind": "loss"},
+                                    defaults={"steps": 100})
+DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(train.DTYPES), "parameter dtype")
 WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints + metrics (default OUT.run)")
 CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 50, "steps between checkpoints")
 KEEP = flags.DEFINE_integer("keep_checkpoints", 3, "checkpoints kept")
@@ -108,13 +97,8 @@ def main(argv):
     out = cli.output_dir(OUT.value)
     mesh = common.setup()
     workdir = Path(WORKDIR.value or f"{out}.run")
-    cfg = train.DistillConfig(
-        steps=STEPS.value, format=FORMAT.value, kind=LOSS.value, temperature=TEMPERATURE.value,
-        weights=parse_weights(WEIGHTS.value), learning_rate=LEARNING_RATE.value,
-        warmup_steps=WARMUP.value, weight_decay=WEIGHT_DECAY.value, clip_norm=CLIP.value,
-        compute_dtype=COMPUTE_DTYPE.value, lora_rank=LORA_RANK.value,
-        lora_alpha=LORA_ALPHA.value, lora_dropout=LORA_DROPOUT.value, chunk_size=CHUNK.value,
-        seed=SEED.value)
+    cfg = train.DistillConfig(**common.config_values(CONFIG),
+                              weights=parse_weights(WEIGHTS.value))
     if TOPK.value and PACK.value:
         raise app.UsageError("--pack with --topk is not supported: the top-k file stores "
                              "each example's positions unpacked; drop --pack (or --topk and "
@@ -125,7 +109,7 @@ def main(argv):
         except ValueError as e:
             raise app.UsageError(str(e))
     if cfg.needs_teacher and not (TEACHER.value or TOPK.value):
-        raise app.UsageError(f"--format={FORMAT.value} has a KL term: give --teacher (or "
+        raise app.UsageError(f"--format={cfg.format} has a KL term: give --teacher (or "
                              "--topk for offline KD)")
     student = jdistill.load_pretrained(STUDENT.value, dtype=DTYPE.value, mesh=mesh)
     t_dir = teacher_dir(TEACHER.value)
@@ -140,17 +124,17 @@ def main(argv):
                              "tokenizer")
     tokenizer = tokenizer_for(STUDENT.value, t_dir)
     records = data.read_examples(DATA.value)
-    encoded = encode(tokenizer, records, FORMAT.value, student.config)
-    batcher = make_batcher(encoded, student.config, SEED.value)
+    encoded = encode(tokenizer, records, cfg.format, student.config)
+    batcher = make_batcher(encoded, student.config, cfg.seed)
     n_s = student.config.num_params()
     packed = ""
     if PACK.value:
         rows = batcher.epoch_rows(0)
         packed = (f" packed: {len(records) / len(rows):.1f} examples/row, "
                   f"{packing.packing_efficiency(encoded, rows, SEQ_LEN.value):.0%} real tokens;")
-    print(f"student {n_s:,} params; {len(records)} records; format {FORMAT.value}, loss "
-          f"{LOSS.value}, {'LoRA rank %d' % LORA_RANK.value if LORA_RANK.value else 'full'};"
-          f"{packed} {STEPS.value} steps x {batcher.rows_per_step} x {SEQ_LEN.value} tokens")
+    print(f"student {n_s:,} params; {len(records)} records; format {cfg.format}, loss "
+          f"{cfg.kind}, {'LoRA rank %d' % cfg.lora_rank if cfg.lora_rank else 'full'};"
+          f"{packed} {cfg.steps} steps x {batcher.rows_per_step} x {SEQ_LEN.value} tokens")
     with tracking.open_writer(common.LOGGERS.value, logdir=workdir / "tensorboard",
                               run=out.name, config=dataclasses.asdict(cfg)) as writer:
         result = train.train(student, teacher, batcher, cfg, workdir=workdir, mesh=mesh,
@@ -185,25 +169,25 @@ def tokenizer_for(*dirs):
 
 def results_row(cfg, result, student_params: int, teacher_params, n_records: int) -> dict:
     weights, normalize = cfg.blend
-    return {
-        **results.run_metadata(), "main": "distill",
-        "teacher": {"path": TEACHER.value, "params": teacher_params},
-        "student": {"path": STUDENT.value, "out": OUT.value, "params": student_params},
-        "compression_ratio": teacher_params / student_params if teacher_params else None,
-        "supervision_format": cfg.format, "loss": cfg.kind, "temperature": cfg.temperature,
-        "weights": dataclasses.asdict(weights), "normalize": normalize,
-        "offline_topk": TOPK.value, "packed": PACK.value, "lora_rank": cfg.lora_rank or None,
-        "data": {"file": DATA.value, "examples": n_records, "tokens_seen": result.tokens_seen},
-        "optimizer": {"steps": cfg.steps, "learning_rate": cfg.learning_rate,
-                      "warmup_steps": cfg.warmup_steps, "batch_rows": BATCH_SIZE.value * ACCUM.value,
-                      "seq_len": SEQ_LEN.value, "compute_dtype": cfg.compute_dtype},
-        "seed": cfg.seed, "resumed_from": result.resumed_from,
-        "metrics": {f"train_{k}": v for k, v in result.final_metrics.items()},
-        "wall_time_s": result.seconds,
-        "tokens_per_s": result.steps_run * BATCH_SIZE.value * ACCUM.value * SEQ_LEN.value
-        / max(result.seconds, 1e-9),
-    }
-
+    ratio = teacher_params / student_params if teacher_params else None
+    cell = {"id": Path(OUT.value).name, "ratio": ratio, "format": cfg.format,
+            "method": "lora" if cfg.lora_rank else "full", "schedule": "none",
+            "examples": n_records, "seed": cfg.seed, "prune_steps": 0}
+    return rows.new_row(
+        "distill", cell, teacher_params=teacher_params, student_params=student_params,
+        metrics={f"train_{k}": v for k, v in result.final_metrics.items()},
+        teacher={"path": TEACHER.value, "params": teacher_params},
+        student={"path": STUDENT.value, "out": OUT.value, "params": student_params},
+        supervision_format=cfg.format, loss=cfg.kind, temperature=cfg.temperature,
+        weights=dataclasses.asdict(weights), normalize=normalize, offline_topk=TOPK.value,
+        packed=PACK.value, lora_rank=cfg.lora_rank or None,
+        data={"file": DATA.value, "examples": n_records, "tokens_seen": result.tokens_seen},
+        optimizer={"steps": cfg.steps, "learning_rate": cfg.learning_rate,
+                   "warmup_steps": cfg.warmup_steps, "batch_rows": BATCH_SIZE.value * ACCUM.value,
+                   "seq_len": SEQ_LEN.value, "compute_dtype": cfg.compute_dtype},
+        seed=cfg.seed, resumed_from=result.resumed_from, wall_time_s=result.seconds,
+        tokens_per_s=result.steps_run * BATCH_SIZE.value * ACCUM.value * SEQ_LEN.value
+        / max(result.seconds, 1e-9))
 
 if __name__ == "__main__":
     cli.run(main)

@@ -1,5 +1,7 @@
 """Flags every main on a device mesh shares: multi-process set-up and the mesh."""
 
+import dataclasses
+
 from absl import flags
 
 COORDINATOR = flags.DEFINE_string(
@@ -50,3 +52,39 @@ def setup():
     except (ValueError, TypeError) as e:
         raise ValueError(f"--mesh={MESH.value!r}: {e}; expected e.g. data=2,fsdp=2,tensor=2") \
             from None
+
+
+# ------------------------------------------------------------ flags from config dataclasses
+
+
+_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string}
+
+
+def define_config_flags(cls, *, names=None, defaults=None, skip=()) -> dict:
+    """One flag per field of the dataclass `cls` that has a help text (field metadata
+    "help"): the flag's name is the field's (or `names[field]`), its default the field's (or
+    `defaults[field]`), an enum when the field lists "choices". Returns {field: FlagHolder};
+    `config_values` reads them back. The config is the one home of each setting's
+    default and meaning; mains do not re-list them."""
+    names, defaults = names or {}, defaults or {}
+    holders = {}
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help")
+        if help_text is None or f.name in skip:
+            continue
+        default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+        name = names.get(f.name, f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            holders[f.name] = flags.DEFINE_enum(name, default, list(choices), help_text)
+        else:
+            kind = type(default) if default is not None else {"int": int, "float": float,
+                                                              "str": str, "bool": bool}[f.type]
+            holders[f.name] = _DEFINE[kind](name, default, help_text)
+    return holders
+
+
+def config_values(holders: dict) -> dict:
+    """{field: parsed flag value} of `define_config_flags`'s holders."""
+    return {name: holder.value for name, holder in holders.items()}

@@ -40,28 +40,38 @@ from jdistill.models.decoder import Decoder, stack_trees
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _field(default, help: str, choices=None):
+    """A config field with the help text (and choices) its command-line flag shows."""
+    meta = {"help": help, **({"choices": choices} if choices is not None else {})}
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """Everything that defines the optimisation (hashable: it is static under jit)."""
+    """Everything that defines the optimisation (hashable: it is static under jit). The
+    distill main's flags are these fields (`experiments.flags.define_config_flags`)."""
 
-    steps: int
-    format: str = "blended"
-    kind: str = "forward"            # KL kind: forward, reverse, jsd, skew, skew_reverse
-    temperature: float = 1.0
-    beta: float = 0.5
-    lam: float = 0.1
+    steps: int = dataclasses.field(metadata={"help": "optimizer steps"})
+    format: str = _field("blended", "supervision format", formats.NAMES)
+    kind: str = _field("forward", "divergence of the KL terms", losses.KINDS)
+    temperature: float = _field(1.0, "distillation temperature")
+    beta: float = _field(0.5, "generalized JSD mixing weight (kind=jsd)")
+    lam: float = _field(0.1, "skew KL mixing weight (kind=skew, skew_reverse)")
     weights: losses.BlendWeights | None = None  # overrides the format's weights
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    compute_dtype: str = "float32"   # "bfloat16": forward/backward in bf16, f32 master weights
-    lora_rank: int = 0               # 0: full fine-tuning
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = r"self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
-    chunk_size: int = 512            # tokens per chunk of the fused lm-head + loss
-    seed: int = 0
+    learning_rate: float = _field(1e-4, "peak learning rate")
+    warmup_steps: int = _field(0, "linear warm-up steps")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    clip_norm: float = _field(1.0, "global gradient-norm clip")
+    compute_dtype: str = _field("float32", "forward/backward dtype (master weights stay in "
+                                "--dtype); bfloat16: bf16 compute, f32 master weights",
+                                ("float32", "bfloat16"))
+    lora_rank: int = _field(0, "LoRA rank; 0 trains every parameter")
+    lora_alpha: float = _field(16.0, "LoRA alpha (scale alpha / rank)")
+    lora_dropout: float = _field(0.0, "LoRA input dropout")
+    lora_targets: str = _field(r"self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj",
+                               "regex of the linear layers LoRA adapts")
+    chunk_size: int = _field(512, "tokens per chunk of the fused lm-head loss")
+    seed: int = _field(0, "data order, LoRA init and dropout seed")
 
     def __post_init__(self):
         formats.get(self.format)

@@ -1,10 +1,12 @@
-"""The results-row schema of a study: rows parsed, checked and selected.
+"""The results-row schema: rows written (`new_row`), parsed, checked and selected.
 
-The study's analysis: law fits with bootstrap intervals, the findings, a compression planner.
-
-The rows are those a sweep writes (one JSON object a line; ``main`` = ``sweep_cell`` for a
-student, ``sweep_teacher`` for the (corrected) teacher, ``sweep_teacher_original`` for the
-teacher before correction, shown for context only; other rows are ignored). 
+A row is one JSON object a line: run metadata, ``main`` (who wrote it), ``cell`` (the
+experiment's coordinates: `CELL_KEYS`), ``compression_ratio`` (teacher params / student
+params), the two parameter counts, ``metrics`` and whatever else its writer records. Every
+main that writes rows builds them with `new_row`; `parse_row` reads the same keys back.
+The study uses ``main`` = ``sweep_cell`` (a student), ``sweep_teacher`` (the corrected
+teacher) and ``sweep_teacher_original`` (the teacher before correction, context only);
+other rows (e.g. ``distill``) are ignored by `select`.
 """
 
 from __future__ import annotations
@@ -18,10 +20,25 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from jdistill.scaling.tables import lookup  # dotted paths into rows, as the fitter reads them
+from jdistill.utils import files
 
 
 STUDY_MAINS = ("sweep_cell", "sweep_teacher", "sweep_teacher_original")
 TEACHER_MAINS = ("sweep_teacher", "sweep_teacher_original")
+CELL_KEYS = ("id", "ratio", "format", "method", "schedule", "examples", "seed", "prune_steps")
+
+
+def new_row(main: str, cell: Mapping, *, teacher_params, student_params, metrics: Mapping,
+            **fields) -> dict:
+    """A results row: run metadata, `main`, the `cell` (all of `CELL_KEYS`), the compression
+    ratio of the parameter counts (None without a teacher count), `fields`, then `metrics`."""
+    missing = [k for k in CELL_KEYS if k not in cell]
+    if missing:
+        raise ValueError(f"a {main} row's cell lacks {missing}")
+    ratio = teacher_params / student_params if teacher_params and student_params else None
+    return {**files.run_metadata(), "main": main, "cell": dict(cell), "compression_ratio": ratio,
+            "student_params": student_params, "teacher_params": teacher_params, **fields,
+            "metrics": dict(metrics)}
 
 
 @dataclasses.dataclass(frozen=True)

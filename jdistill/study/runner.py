@@ -32,7 +32,7 @@ from jdistill.distill import formats, records
 from jdistill.data import batching as packing
 from jdistill.utils import files as results
 from jdistill.distill import supervision
-from jdistill.study import sweep
+from jdistill.study import rows, sweep
 from jdistill.data import tasks
 from jdistill.distill import train
 from jdistill.pruning import report as prune_report
@@ -367,16 +367,14 @@ class Runner:
         done = json.loads((sweep.cached_stage(self.cache, "teacher_eval", key, build, self.log)
                            / "metrics.json").read_text())
         n = done["params"]
-        return {**results.run_metadata(), "main": main,
-                "cell": {"id": "teacher" if corrected else "teacher-original", "ratio": 1.0,
-                         "format": "teacher", "method": "none", "schedule": "none",
-                         "prune_steps": 0, "examples": 0, "seed": 0},
-                "compression_ratio": 1.0, "student_params": n, "teacher_params": n,
-                "teacher": {"path": str(t_dir), "original": str(self.s.teacher)},
-                "data": {"task": self.task.name, "examples": 0},
-                "settings": self.s.as_dict(),
-                "metrics": done["metrics"],
-                "wall_time_s": time.perf_counter() - start}
+        cell = {"id": "teacher" if corrected else "teacher-original", "ratio": 1.0,
+                "format": "teacher", "method": "none", "schedule": "none", "prune_steps": 0,
+                "examples": 0, "seed": 0}
+        return rows.new_row(main, cell, teacher_params=n, student_params=n,
+                            metrics=done["metrics"],
+                            teacher={"path": str(t_dir), "original": str(self.s.teacher)},
+                            data={"task": self.task.name, "examples": 0},
+                            settings=self.s.as_dict(), wall_time_s=time.perf_counter() - start)
 
     # ------------------------------------------------------------ a cell
 
@@ -391,16 +389,14 @@ class Runner:
         teacher_params = self.teacher().config.num_params()
         n = student.config.num_params()
         metrics = self.evaluate(student, cell.id)
-        return {**results.run_metadata(), "main": "sweep_cell", "cell": cell.as_dict(),
-                "compression_ratio": teacher_params / n, "student_params": n,
-                "teacher_params": teacher_params,
-                "student_dims": pruning.Dims.of(student.config).as_dict(),
-                "teacher": {"path": str(self.teacher_dir()), "original": str(self.s.teacher)},
-                "data": {"task": self.task.name, "examples": cell.examples,
-                         "records": len(records), "traces": trace_stats,
-                         "tokens_seen": tokens},
-                "settings": self.s.as_dict(), "metrics": metrics,
-                "train_seconds": train_s, "train_metrics": train_metrics, "wall_time_s": time.perf_counter() - start}
+        return rows.new_row(
+            "sweep_cell", cell.as_dict(), teacher_params=teacher_params, student_params=n,
+            metrics=metrics, student_dims=pruning.Dims.of(student.config).as_dict(),
+            teacher={"path": str(self.teacher_dir()), "original": str(self.s.teacher)},
+            data={"task": self.task.name, "examples": cell.examples, "records": len(records),
+                  "traces": trace_stats, "tokens_seen": tokens},
+            settings=self.s.as_dict(), train_seconds=train_s, train_metrics=train_metrics,
+            wall_time_s=time.perf_counter() - start)
 
 
 # ------------------------------------------------------------ the sweep
