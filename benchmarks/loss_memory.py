@@ -22,8 +22,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jdistill.distill.losses import forward_kl
 from jdistill.distill.fused import fused_forward_kl
+from jdistill.distill.losses import forward_kl
 
 
 def temp_bytes(tokens, hidden, vocab, *, chunked, batch=8, chunk_size=512,

@@ -226,6 +226,7 @@ def prepare_ours(teacher, student, batch: dict, cfg):
     """(first-call info, one-step fn): `train.make_step` jitted with the state donated,
     placed as `train.train` places it; each call waits for its results."""
     from flax import nnx
+
     from jdistill import sharding as sharding_lib
     from jdistill.distill import train
 
@@ -283,6 +284,7 @@ def prepare_torch(teacher, student, batch: dict, *, fmt, dtype, temperature, lea
     """The same step with transformers models: teacher no_grad, student + AdamW + clipping.
     bfloat16 = autocast over f32 master weights (our compute_dtype="bfloat16")."""
     import contextlib
+
     import torch
 
     torch.set_num_threads(threads)

@@ -87,8 +87,9 @@ def run(main):
         except Exception as e:  # noqa: BLE001 - any failure takes the whole run down
             if _process_count() == 1:
                 raise
-            import jax
             import traceback
+
+            import jax
 
             traceback.print_exc()
             first = (str(e).strip().splitlines() or [""])[0][:500]

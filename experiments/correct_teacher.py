@@ -22,11 +22,10 @@ import jdistill
 from experiments import cli
 from experiments import flags as common
 from jdistill import checkpoints
-from jdistill.data import io as data
 from jdistill.data import batching as packing
+from jdistill.data import io as data
+from jdistill.distill import supervision, train
 from jdistill.utils import files as results
-from jdistill.distill import supervision
-from jdistill.distill import train
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory or .gguf of the teacher")
 DATA = flags.DEFINE_string("data", None, "task records (.jsonl: prompt, answer[, reasoning])")

@@ -24,16 +24,13 @@ import jdistill
 from experiments import cli
 from experiments import flags as common
 from jdistill import checkpoints
-from jdistill.data import io as data
-from jdistill.distill import losses
 from jdistill.data import batching as packing
-from jdistill.utils import files as results
-from jdistill.distill import supervision
-from jdistill.utils import tracking
-from jdistill.distill import train
+from jdistill.data import io as data
+from jdistill.distill import formats, losses, supervision, train
 from jdistill.models.config import load_hf_config
-from jdistill.distill import formats
 from jdistill.study import rows
+from jdistill.utils import files as results
+from jdistill.utils import tracking
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
 STUDENT = flags.DEFINE_string("student", None, "HF checkpoint directory of the student to train")

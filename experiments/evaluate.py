@@ -28,12 +28,11 @@ from experiments import cli
 from experiments import flags as common
 from jdistill import sharding
 from jdistill.data import io as data
-from jdistill.eval import scoring as evaluate
-from jdistill.eval import metrics
-from jdistill.eval import classify
-from jdistill.eval import benchmarks as bench
-from jdistill.utils import files as results
 from jdistill.data import tasks
+from jdistill.eval import benchmarks as bench
+from jdistill.eval import classify, metrics
+from jdistill.eval import scoring as evaluate
+from jdistill.utils import files as results
 from jdistill.utils import tracking
 
 MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory or a llama.cpp .gguf file")

@@ -23,8 +23,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments import cli
-from jdistill.utils import files as results
 from jdistill import scaling as sc
+from jdistill.utils import files as results
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "Results JSONL (one row a line) or CSV with a header.")

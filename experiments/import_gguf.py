@@ -13,7 +13,6 @@ import time
 from absl import flags
 
 from experiments import cli
-
 from jdistill.checkpoints import gguf
 
 GGUF = flags.DEFINE_string("gguf", None, "the .gguf file; unset: the default teacher "

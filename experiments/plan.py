@@ -17,8 +17,8 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments import cli
-from jdistill.utils import files as results
 from jdistill import study as sd
+from jdistill.utils import files as results
 
 FLAGS = flags.FLAGS
 

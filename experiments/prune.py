@@ -18,8 +18,8 @@ from experiments import cli
 from experiments import flags as common
 from jdistill import pruning, sharding
 from jdistill.data import io as data
-from jdistill.utils import files as results
 from jdistill.pruning import report
+from jdistill.utils import files as results
 
 MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory of the model to prune")
 OUT = flags.DEFINE_string("out", None, "output directory for the pruned checkpoint")

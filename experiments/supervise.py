@@ -28,9 +28,8 @@ from experiments import cli
 from experiments import flags as common
 from jdistill import checkpoints
 from jdistill.data import io as data
-from jdistill.distill import supervision
+from jdistill.distill import formats, supervision
 from jdistill.models.config import load_hf_config
-from jdistill.distill import formats
 from jdistill.utils import files
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")

@@ -18,8 +18,7 @@ once. Grid axes come from --preset, then --config (JSON with Grid's keys), then 
 settings (steps, evaluation sizes, ...) likewise from the preset, then --set / flags.
 """
 
-from experiments import cli
-from experiments import sweep_flags
+from experiments import cli, sweep_flags
 
 
 def main(argv):

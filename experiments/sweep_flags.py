@@ -14,10 +14,9 @@ from absl import app, flags
 
 from experiments import cli
 from experiments import flags as common
-from jdistill.study import runner
-from jdistill.utils import files
-from jdistill.study import sweep
 from jdistill.distill import formats
+from jdistill.study import runner, sweep
+from jdistill.utils import files
 
 OUT = flags.DEFINE_string("out", None, "sweep directory (rows/, cells/, results.jsonl)")
 PRESET = flags.DEFINE_enum("preset", None, sorted(sweep.PRESETS),

@@ -323,8 +323,8 @@ def build_tokenizer(tokens, merges, token_types=None, *, pre: str | None = None,
     ones (type 4) plain added tokens, so both are matched whole. `pre` is
     `tokenizer.ggml.pre`: a few known values select their split regex, others GPT-2's.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, \
-        processors
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers,
+                            processors)
 
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdistill import sharding as sharding_lib
 from jdistill.checkpoints import resolve
 from jdistill.checkpoints import safetensors as sft
 from jdistill.checkpoints.safetensors import SafetensorsFile
 from jdistill.models import config as config_lib
-from jdistill import sharding as sharding_lib
 from jdistill.models.decoder import Decoder, abstract_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

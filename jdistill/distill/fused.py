@@ -20,9 +20,9 @@ import jax.numpy as jnp
 
 # the per-token pieces and input checks are the plain losses' own: one definition of each
 from jdistill.distill.losses import (_F32, BlendWeights, Kind, _blend, _check_blend_inputs,
-                                     _check_mask, _check_params, _check_temperature,
-                                     _check_topk, _log_softmax, _token_ce, _topk_result,
-                                     _topk_token_kl, masked_mean, token_divergence)
+                                     _check_mask, _check_params, _check_temperature, _check_topk,
+                                     _log_softmax, _token_ce, _topk_result, _topk_token_kl,
+                                     masked_mean, token_divergence)
 
 __all__ = ["fused_token_terms", "fused_divergence", "fused_forward_kl", "fused_cross_entropy",
            "fused_blended_cot_loss", "fused_topk_kl"]

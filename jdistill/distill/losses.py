@@ -50,7 +50,6 @@ import jax.numpy as jnp
 from jdistill.data.io import ANSWER, PROMPT, TRACE  # segment ids of the blended loss
 from jdistill.distill.formats import BlendWeights
 
-
 __all__ = [
     "PROMPT", "TRACE", "ANSWER",
     "BlendWeights",

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jdistill.distill import formats, supervision
 from jdistill.data.tasks import parse_label
+from jdistill.distill import formats, supervision
 
 RATIONALE_RECIPE = ("Financial news: {text}\n"
                     "In one short sentence, explain why this news is about {label}.")

@@ -48,8 +48,8 @@ from flax import nnx
 
 from jdistill import sharding
 from jdistill.data import io as data
-from jdistill.utils import files as results
 from jdistill.models.generate import generate
+from jdistill.utils import files as results
 
 DEFAULT_RECIPE = "{prompt}\nThink step by step, then give the label.\n"
 TOPK_FORMAT = "jdistill-topk-v1"

@@ -29,13 +29,12 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jdistill.distill import formats, losses
-from jdistill.distill import fused
+from jdistill import sharding as sharding_lib
+from jdistill.distill import formats, fused, losses
+from jdistill.models import lora as lora_lib
+from jdistill.models.decoder import Decoder, stack_trees
 from jdistill.utils import files as results
 from jdistill.utils import tracking
-from jdistill.models import lora as lora_lib
-from jdistill import sharding as sharding_lib
-from jdistill.models.decoder import Decoder, stack_trees
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -9,8 +9,8 @@ import numpy as np
 from jdistill.data import tasks as tasks_lib
 from jdistill.data.tasks import parse_label
 from jdistill.eval.metrics import classification_metrics, confusion_matrix
-from jdistill.utils.progress import Progress
 from jdistill.eval.scoring import CTX_BUCKET, bucket, choice_logliks, encode, encode_pair
+from jdistill.utils.progress import Progress
 
 
 def label_logliks(model, tokenizer, task, texts, *, batch_size: int = 8, mesh=None,

@@ -29,9 +29,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 import jdistill
+from jdistill import sharding as sharding_lib
 from jdistill.data import io as data
 from jdistill.eval import scoring as ev
-from jdistill import sharding as sharding_lib
 
 MAX_GEN_TOKS = 256  # the harness's default generation length
 

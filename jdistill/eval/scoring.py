@@ -26,12 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdistill import sharding as sharding_lib
 from jdistill.data import io as data
 from jdistill.distill import fused
-from jdistill import sharding as sharding_lib
 from jdistill.models.decoder import KVCache
 from jdistill.utils.progress import Progress
-
 
 CTX_BUCKET = 32  # contexts pad to multiples of this many tokens
 CONT_BUCKET = 16  # packed continuations likewise

@@ -15,7 +15,6 @@ reassociating a masked reduction: ~1 ulp).
 
 from __future__ import annotations
 
-
 import flax.struct
 import jax
 import jax.numpy as jnp

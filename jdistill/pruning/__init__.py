@@ -1,7 +1,7 @@
 """Structured pruning: importance scores -> masks for a target -> a smaller dense model."""
 
-from jdistill.pruning.importance import (activation_scores, compute_scores,
-                                         layer_skip_scores, magnitude_scores, taylor_scores)
+from jdistill.pruning.importance import (activation_scores, compute_scores, layer_skip_scores,
+                                         magnitude_scores, taylor_scores)
 from jdistill.pruning.masks import (Dims, check_dims, contiguous_block_mask, dims_for_ratio,
                                     select_masks)
 from jdistill.pruning.schedule import compression_schedule, iterative_prune

@@ -9,7 +9,8 @@ import dataclasses
 
 import numpy as np
 
-from jdistill.scaling.fitting import Fit, check_data, fit_weighted, grid_objectives, grid_starts, single_threaded_blas
+from jdistill.scaling.fitting import (Fit, check_data, fit_weighted, grid_objectives, grid_starts,
+                                      single_threaded_blas)
 from jdistill.scaling.laws import Array, Law, XDict
 
 

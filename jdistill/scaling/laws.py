@@ -19,7 +19,6 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from scipy import special
 
-
 Array = np.ndarray
 XDict = Mapping[str, Array]
 

@@ -41,8 +41,8 @@ import numpy as np
 
 from jdistill.distill.formats import TRACE_FORMATS
 from jdistill.study.fits import MIN_DOF_DECIDE, MIN_ERROR
-from jdistill.study.statistics import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Z, combine, decide,
-                                      paired_difference, retention_gap)
+from jdistill.study.statistics import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Z, combine,
+                                       decide, paired_difference, retention_gap)
 
 if TYPE_CHECKING:  # analyze() calls findings(); the Analysis it passes is only annotated here
     from jdistill.study.analysis import Analysis

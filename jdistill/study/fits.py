@@ -36,7 +36,6 @@ from jdistill import scaling as sc
 from jdistill.scaling.laws import POWER_ERROR, collapse_law
 from jdistill.study.rows import Row
 
-
 MIN_ERROR = 1e-3  # floor on in-domain error before log residuals
 MIN_POINTS_2D = 6  # distill_error needs this many points (and >= 2 distinct D)
 MIN_ROW_BOOT = 8  # fewer points: parametric bootstrap from the stderrs (see ``bootstrap``)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jdistill.utils import files as results
 from jdistill.study.analysis import Analysis
 from jdistill.study.findings import summary as findings_summary
 from jdistill.study.statistics import Z
+from jdistill.utils import files as results
 
 
 def write_report(an: Analysis, results_path, out_dir) -> Path:

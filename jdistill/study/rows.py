@@ -22,7 +22,6 @@ import numpy as np
 from jdistill.scaling.tables import lookup  # dotted paths into rows, as the fitter reads them
 from jdistill.utils import files
 
-
 STUDY_MAINS = ("sweep_cell", "sweep_teacher", "sweep_teacher_original")
 TEACHER_MAINS = ("sweep_teacher", "sweep_teacher_original")
 CELL_KEYS = ("id", "ratio", "format", "method", "schedule", "examples", "seed", "prune_steps")

@@ -23,22 +23,17 @@ import jax
 import numpy as np
 
 import jdistill
-from jdistill import checkpoints
-from jdistill import pruning
-from jdistill.data import io as data
-from jdistill.eval import classify
-from jdistill.eval import benchmarks
-from jdistill.distill import formats, records
+from jdistill import checkpoints, pruning
 from jdistill.data import batching as packing
-from jdistill.utils import files as results
-from jdistill.distill import supervision
-from jdistill.study import rows, sweep
+from jdistill.data import io as data
 from jdistill.data import tasks
-from jdistill.distill import train
+from jdistill.distill import formats, records, supervision, train
+from jdistill.eval import benchmarks, classify
 from jdistill.pruning import report as prune_report
+from jdistill.study import rows, sweep
+from jdistill.utils import files as results
 from jdistill.utils import tracking
 from jdistill.utils.progress import fmt_time
-
 
 SHORT_RUN_STEPS = 50  # runs shorter than this are not checkpointed
 

@@ -11,7 +11,6 @@ import numpy as np
 
 from jdistill.study.rows import Row, Study
 
-
 Z = 2.0  # a difference counts when |mean| > Z * stderr
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 

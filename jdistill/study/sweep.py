@@ -23,8 +23,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from jdistill.utils import files as results
 from jdistill.distill import formats
+from jdistill.utils import files as results
 
 METHODS = ("full", "lora")
 SCHEDULES = ("one_shot", "iterative")

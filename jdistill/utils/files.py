@@ -1,8 +1,9 @@
-"""Results rows: one JSON object a line, the only thing the fitter reads.
+"""Files: the one atomic writer, results rows appended as JSON lines, run metadata, the
+cache root.
 
-Every experiment main appends rows with `append_row`. A row is written with a single
-`write` on an `O_APPEND` descriptor under an exclusive lock, so a killed run never leaves a
-partial line and concurrent writers (sweep shards sharing a file) never interleave.
+Every main appends its rows (built by `study.rows.new_row`) with `append_row`: one `write` on
+an `O_APPEND` descriptor under an exclusive lock, so a killed run never leaves a partial line
+and concurrent writers (sweep shards sharing a file) never interleave.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
-
 
 CACHE_ENV = "JDISTILL_CACHE"
 
@@ -98,11 +98,3 @@ def append_row(path, row: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def read_rows(path) -> list[dict]:
-    """All rows of a results file (an empty list when it does not exist yet)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

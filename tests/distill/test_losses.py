@@ -1,15 +1,14 @@
 """Tests of jdistill.distill.losses against references written independently here (torch / numpy)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import jax
-import jax.numpy as jnp
-
-from jdistill.distill import losses as L
 from jdistill.distill import fused as FU
+from jdistill.distill import losses as L
 
 B, T, V = 2, 7, 13
 TAU = 2.0
@@ -493,7 +492,8 @@ def test_fused_under_batch_sharding():
     n = min(len(jax.devices()), 8)
     if n < 2:
         pytest.skip("needs several devices (tests/conftest.py simulates 8)")
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     hs, ws, ht, wt, mask, _ = _hidden_data(17, b=n, t=6)
     mesh = Mesh(np.array(jax.devices()[:n]), ("data",))

@@ -5,8 +5,7 @@ import json
 import pytest
 
 from jdistill.data import tasks
-from jdistill.distill import records
-from jdistill.distill import supervision
+from jdistill.distill import records, supervision
 from tests.hf_models import make_hf_model, save_tokenizer
 
 LABELS = ["Earnings", "Fed | Central Banks", "M&A | Investments", "Markets"]

@@ -20,8 +20,7 @@ from flax import nnx
 import jdistill
 from jdistill import sharding
 from jdistill.data import io as data
-from jdistill.distill import supervision
-from jdistill.distill import train
+from jdistill.distill import supervision, train
 from jdistill.models.decoder import jit_forward
 from tests.hf_models import VOCAB, save_hf_model
 

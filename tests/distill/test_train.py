@@ -18,12 +18,10 @@ import transformers
 
 import jdistill
 from jdistill import sharding
-from jdistill.data import io as data
-from jdistill.models import lora
 from jdistill.data import batching as packing
-from jdistill.distill import train
-from jdistill.distill import formats
-
+from jdistill.data import io as data
+from jdistill.distill import formats, train
+from jdistill.models import lora
 
 
 def _encoded(root):

@@ -16,10 +16,8 @@ import jdistill
 from jdistill import sharding
 from jdistill.data import io as data
 from jdistill.data import tasks
+from jdistill.eval import benchmarks, classify, metrics
 from jdistill.eval import scoring as ev
-from jdistill.eval import metrics
-from jdistill.eval import classify
-from jdistill.eval import benchmarks
 from tests.hf_models import save_hf_model, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]

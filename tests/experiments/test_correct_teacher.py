@@ -5,11 +5,9 @@ import os
 import subprocess
 import sys
 
-
 import jdistill
 from jdistill.data import io as data
-from jdistill.distill import losses
-from jdistill.distill import supervision
+from jdistill.distill import losses, supervision
 from tests.hf_models import make_hf_model, save_tokenizer
 
 

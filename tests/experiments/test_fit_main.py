@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jdistill.data import io as data_lib
+
 from jdistill import scaling as sc
+from jdistill.data import io as data_lib
 
 REPO = Path(__file__).resolve().parents[2]
 CHIN = data_lib.data_file("scaling/chinchilla_epoch_svg_extracted.csv")  # shipped

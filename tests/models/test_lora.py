@@ -1,16 +1,15 @@
 """LoRA: merged weights = base + adapters; only adapters train; the base stays bit-identical."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.config import ModelConfig
-from jdistill.models.lora import apply_lora, init_lora, lora_param_count, merge_into_model
 from jdistill.models.decoder import MLP, init_model
+from jdistill.models.lora import apply_lora, init_lora, lora_param_count, merge_into_model
 
 CFG = ModelConfig(family="qwen2", vocab_size=48, hidden_size=16, intermediate_size=24,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4)

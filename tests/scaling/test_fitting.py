@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from jdistill.data import io as data_lib
-from jdistill.utils import files as results
 from jdistill import scaling as sc
+from jdistill.data import io as data_lib
 from jdistill.scaling.fitting import _fd_jac
+from jdistill.utils import files as results
 
 # the shipped reference data: these tests always run (a missing file is a failure)
 CHIN = data_lib.data_file("scaling/chinchilla_epoch_svg_extracted.csv")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from jdistill import scaling as sc
-from jdistill.scaling.fitting import _fd_jac
 from jdistill import study as sd
+from jdistill.scaling.fitting import _fd_jac
 
 # True in-domain law (distill_error) and general-knowledge collapse used by the generator.
 TRUE = {"E": 0.05, "A": 0.03, "alpha": 1.0, "B": 1.0, "beta": 0.5}
