@@ -24,7 +24,7 @@ from experiments import flags as common
 from jdistill import checkpoints
 from jdistill.data import batching as packing
 from jdistill.data import io as data
-from jdistill.distill import supervision, train
+from jdistill.distill import formats, supervision, train
 from jdistill.utils import files as results
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory or .gguf of the teacher")
@@ -71,7 +71,7 @@ def main(argv):
     tokenizer = data.load_tokenizer(teacher_dir)
     records = data.read_examples(DATA.value)
     encoded = supervision.encode_records(tokenizer, records, model.config,
-                                         with_reasoning=FORMAT.value == "cot")
+                                         with_reasoning=formats.get(FORMAT.value).with_trace)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     batcher = packing.PackedBatcher(encoded, batch_size=BATCH_SIZE.value,
                                     seq_len=SEQ_LEN.value, seed=SEED.value, pad_id=pad)

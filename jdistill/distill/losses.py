@@ -193,6 +193,14 @@ def forward_kl(student_logits, teacher_logits, mask, *, temperature=1.0):
     Returns:
       ``(loss, metrics)``: ``loss = tau**2 * sum_t m_t KL_t / sum_t m_t`` (0 if the mask is
       empty); metrics ``loss``, ``divergence`` (without tau**2) and ``tokens`` (sum of mask).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = jnp.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])  # [B=1, T=2, V=3]
+      >>> t = jnp.array([[[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]])
+      >>> loss, metrics = forward_kl(s, t, jnp.array([[1, 0]]))  # only token 0 counts
+      >>> round(float(loss), 4), float(metrics["tokens"])
+      (0.097, 1.0)
     """
     return _divergence_loss(student_logits, teacher_logits, mask, kind="forward",
                             temperature=temperature, beta=0.0, lam=0.0)
@@ -254,6 +262,13 @@ def cross_entropy(student_logits, targets, mask):
     Returns:
       ``(loss, metrics)`` with the mask-weighted mean CE (0 for an empty mask); metrics
       ``loss``, ``tokens``, ``accuracy`` (weighted argmax accuracy).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> logits = jnp.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])  # [B=1, T=2, V=3]
+      >>> loss, metrics = cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[1, 1]]))
+      >>> round(float(loss), 4), float(metrics["accuracy"])
+      (0.5639, 0.5)
     """
     _check_logits("student_logits", student_logits)
     _check_mask(targets, student_logits.shape[:2], "targets")

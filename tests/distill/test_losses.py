@@ -565,3 +565,10 @@ def test_input_checks():
     with pytest.raises(ValueError):
         FU.fused_topk_kl(hs, ws, np.zeros((2, 9, 3), np.float32), np.zeros((2, 9, 3), np.int32),
                         m, missing="drop")
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    result = doctest.testmod(L, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 2 and result.failed == 0

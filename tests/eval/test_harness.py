@@ -12,33 +12,31 @@ lm_eval = pytest.importorskip("lm_eval")  # the [harness] extra (in the test ext
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from jdistill.eval import harness  # noqa: E402  (registers "jdistill")
-from tests.hf_models import make_hf_model, save_tokenizer  # noqa: E402
+from tests.hf_models import make_hf_model  # noqa: E402
 
 CONTEXTS = ["the quick brown fox", "markets rally as the ", "the fed holds rates", ""]
 CONTINUATIONS = [" jumps over", " fed", " lazy dog", " quick brown fox jumps"]
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair(tiny_checkpoint):
     """(our LM, the harness's HFLM) on the same weights and tokenizer."""
     import transformers
     from lm_eval.models.huggingface import HFLM
     from tokenizers import Tokenizer
 
-    root = tmp_path_factory.mktemp("harness")
-    model = make_hf_model("llama_mqa", max_position_embeddings=48)
-    model.save_pretrained(root / "model")
-    save_tokenizer(root / "model")
+    ck = tiny_checkpoint("llama_mqa", tokenizer=True, max_position_embeddings=48)
+    model, path = ck.hf_model, ck.path
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_file(str(root / "model" / "tokenizer.json")))
-    raw = Tokenizer.from_file(str(root / "model" / "tokenizer.json"))
+        tokenizer_object=Tokenizer.from_file(str(path / "tokenizer.json")))
+    raw = Tokenizer.from_file(str(path / "tokenizer.json"))
     # the checkpoint's bos (1) and eos (2) ids, as HFLM reads them from the tokenizer
     tok.bos_token, tok.eos_token = raw.id_to_token(1), raw.id_to_token(2)
     tok.pad_token = raw.id_to_token(0)
     ref = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=48)
     ours = lm_eval.api.registry.get_model("jdistill").create_from_arg_string(
-        f"pretrained={root / 'model'},batch_size=4,max_length=48")
-    return ours, ref, root
+        f"pretrained={path},batch_size=4,max_length=48")
+    return ours, ref, path
 
 
 def _requests(kind, args):
@@ -90,9 +88,9 @@ def test_generate_until_stops_like_hflm(pair):
 
 
 def test_arg_string_mesh_and_bad_args(pair):
-    ours, _, root = pair
+    ours, _, model_dir = pair
     sharded = harness.JDistillLM.create_from_arg_string(
-        f"pretrained={root / 'model'},batch_size=8,max_length=48,mesh=1x-1x1,dtype=float32")
+        f"pretrained={model_dir},batch_size=8,max_length=48,mesh=1x-1x1,dtype=float32")
     assert sharded.mesh.shape["fsdp"] >= 1
     args = [(c, x) for c in CONTEXTS[:2] for x in CONTINUATIONS]
     a = [x for x, _ in ours.loglikelihood(_requests("loglikelihood", args))]
@@ -101,7 +99,7 @@ def test_arg_string_mesh_and_bad_args(pair):
     with pytest.raises(ValueError, match="DATAxFSDPxTENSOR"):
         harness.parse_mesh("data=2")
     with pytest.raises(ValueError, match="unknown model_args"):
-        harness.JDistillLM.create_from_arg_string(f"pretrained={root / 'model'},colour=red")
+        harness.JDistillLM.create_from_arg_string(f"pretrained={model_dir},colour=red")
 
 
 def test_gguf_as_pretrained(pair, tmp_path):
@@ -195,12 +193,12 @@ def test_evaluate_main_writes_harness_metrics_into_the_row(pair, tmp_path):
     import sys
     from pathlib import Path
 
-    _, _, root = pair
+    _, _, model_dir = pair
     (tmp_path / "tasks").mkdir()
     tasks_dir = _mc_task(tmp_path / "tasks")
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.evaluate", f"--model={root / 'model'}", "--task=",
+        [sys.executable, "-m", "experiments.evaluate", f"--model={model_dir}", "--task=",
          "--harness_tasks=tiny_mc", f"--harness_include={tasks_dir}", "--harness_limit=4",
          "--max_length=48", f"--out={tmp_path / 'out'}"],
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
@@ -211,7 +209,7 @@ def test_evaluate_main_writes_harness_metrics_into_the_row(pair, tmp_path):
     assert h["n"] == 4 and 0 <= h["acc"] <= 1 and "acc_norm_stderr" in h
     assert "harness tiny_mc" in proc.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "experiments.evaluate", f"--model={root / 'model'}", "--task=",
+        [sys.executable, "-m", "experiments.evaluate", f"--model={model_dir}", "--task=",
          "--harness_tasks=no_such_task", f"--out={tmp_path / 'bad'}"],
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
         timeout=600)

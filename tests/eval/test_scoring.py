@@ -18,17 +18,14 @@ from jdistill.data import io as data
 from jdistill.data import tasks
 from jdistill.eval import benchmarks, classify, metrics
 from jdistill.eval import scoring as ev
-from tests.hf_models import save_hf_model, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    hf = save_hf_model("llama3", d)
-    save_tokenizer(d)
-    return d, hf, data.load_tokenizer(d), jdistill.load_pretrained(d)
+def tiny(tiny_checkpoint):
+    ck = tiny_checkpoint("llama3", tokenizer=True)
+    return ck.path, ck.hf_model, data.load_tokenizer(ck.path), jdistill.load_pretrained(ck.path)
 
 
 def torch_loglik(hf, ctx, cont):
