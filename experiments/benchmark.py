@@ -49,6 +49,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import cli
+from experiments import flags as common
 
 DIM_KEYS = ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "head_dim", "tie")
 
@@ -90,8 +91,8 @@ SEQ_LEN = flags.DEFINE_integer("seq_len", None, "tokens per row (default: preset
 FORMAT = flags.DEFINE_enum("format", "logits", ["logits", "blended"],
                            "logits: forward KL on trace+answer tokens (union mean); blended: "
                            "per-segment KL + CE")
-DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                          "compute dtype (f32 master weights either way; default: preset's)")
+DTYPE = common.define_dtype(help="compute dtype (f32 master weights either way; default: "
+                             "preset's)", choices=("float32", "bfloat16"))  # train.DTYPES
 STEPS = flags.DEFINE_integer("steps", None, "timed steps per implementation, after one "
                              "untimed warm-up / compile step (default: preset's)")
 CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "tokens per chunk of the fused lm-head "

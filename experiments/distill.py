@@ -47,7 +47,7 @@ PACK = flags.DEFINE_bool("pack", False, "pack several short examples into each s
 # the optimisation's flags are DistillConfig's fields (their defaults and help live there)
 CONFIG = common.define_config_flags(train.DistillConfig, names={"kind": "loss"},
                                     defaults={"steps": 100})
-DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(train.DTYPES), "parameter dtype")
+DTYPE = common.define_dtype("float32", "parameter dtype", choices=sorted(train.DTYPES))
 WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints + metrics (default OUT.run)")
 CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 50, "steps between checkpoints")
 KEEP = flags.DEFINE_integer("keep_checkpoints", 3, "checkpoints kept")

@@ -37,7 +37,7 @@ from jdistill.utils import tracking
 
 MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory or a llama.cpp .gguf file")
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer directory if --model has none")
-DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "parameter dtype")
+DTYPE = common.define_dtype()
 TASK = flags.DEFINE_string("task", tasks.DEFAULT_TASK,
                            f"in-domain task: one of {sorted(tasks.TASKS)}, a labelled data "
                            "file, a Hugging Face hub name or save_to_disk folder, or empty "

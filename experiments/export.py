@@ -19,8 +19,7 @@ from jdistill.models.decoder import describe, jit_forward
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory; unset: a tiny "
                                  "random Llama is written to OUT/tiny-llama first")
 OUT = flags.DEFINE_string("out", "runs/export", "output directory")
-DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                          "parameter dtype (default: as stored)")
+DTYPE = common.define_dtype()
 TINY = jdistill.ModelConfig(family="llama", vocab_size=512, hidden_size=64,
                             intermediate_size=160, num_layers=4, num_heads=4, num_kv_heads=2,
                             head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,

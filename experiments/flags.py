@@ -4,6 +4,17 @@ import dataclasses
 
 from absl import flags
 
+# parameter dtypes a checkpoint loads in (checkpoints.hf.DTYPES; names here, so that defining
+# the flag imports no JAX)
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def define_dtype(default=None, help: str = "parameter dtype (default: as stored)",
+                 choices=PARAM_DTYPES):
+    """The one --dtype flag of the mains that load a model."""
+    return flags.DEFINE_enum("dtype", default, list(choices), help)
+
+
 COORDINATOR = flags.DEFINE_string(
     "coordinator", None, "host:port of process 0 for a multi-process run, or 'auto' where JAX "
     "detects the cluster (SLURM srun, Open MPI, Cloud TPU pod slice); unset: single process "

@@ -13,13 +13,14 @@ import time
 from absl import flags
 
 from experiments import cli
+from experiments import flags as common
 from jdistill.checkpoints import gguf
 
 GGUF = flags.DEFINE_string("gguf", None, "the .gguf file; unset: the default teacher "
                            f"(SmolLM2-135M-Instruct, `{gguf.DEFAULT_TEACHER_INSTALL}`)")
 OUT = flags.DEFINE_string("out", None, "output HF checkpoint directory (replaced if it exists)")
-DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                          "dtype of the written weights (float32 keeps dequantized values exact)")
+DTYPE = common.define_dtype(
+    "float32", "dtype of the written weights (float32 keeps dequantized values exact)")
 VERIFY = flags.DEFINE_bool("verify", True, "load the result with jdistill and print a summary")
 flags.mark_flag_as_required("out")
 

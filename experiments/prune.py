@@ -45,7 +45,7 @@ TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer directory if --mod
 SCHEDULE = flags.DEFINE_enum("schedule", "one_shot", list(pruning.schedule.KINDS),
                              "one-shot or iterative ratio schedule")
 STEPS = flags.DEFINE_integer("steps", 1, "steps of an iterative schedule")
-DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "parameter dtype")
+DTYPE = common.define_dtype()
 SEED = flags.DEFINE_integer("seed", 0, "calibration sampling seed")
 flags.mark_flags_as_required(["model", "out", "calib_data"])
 

@@ -37,8 +37,7 @@ DATA = flags.DEFINE_string("data", None, "records (.jsonl: prompt, answer, optio
 MODE = flags.DEFINE_enum("mode", None, ["traces", "topk"], "what to build")
 OUT = flags.DEFINE_string("out", None, "output file: .jsonl (traces) or .safetensors (topk)")
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer directory if --teacher has none")
-DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                          "teacher parameter dtype (default: as stored)")
+DTYPE = common.define_dtype(help="teacher parameter dtype (default: as stored)")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "prompts / examples per teacher batch")
 # traces
 MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "longest trace, in tokens")

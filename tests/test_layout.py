@@ -65,3 +65,10 @@ def test_public_names_load_on_first_use():
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_the_dtype_flag_lists_what_checkpoints_load():
+    from experiments import flags as common
+    from jdistill.checkpoints import hf
+
+    assert set(common.PARAM_DTYPES) == set(hf.DTYPES)
