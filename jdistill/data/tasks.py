@@ -42,9 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jdistill.data.io import (READERS, TEXT_COLUMNS, data_file, format_suffix,  # noqa: F401
-                              read_rows)
-# the tabular readers live in data (one reader for every file); tasks.read_rows stays public
+# the one tabular reader for every file is data.io's
+from jdistill.data.io import READERS, TEXT_COLUMNS, data_file, format_suffix, read_rows
 from jdistill.utils import files as results
 
 

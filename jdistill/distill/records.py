@@ -7,7 +7,7 @@ Chain-of-thought traces come from the teacher by *rationalisation* (STaR, Zelikm
 default teacher, asking it to choose a label and explain gave degenerate echoes; the
 label-conditioned request gives on-topic rationales (BUILD_NOTES.md). The student never sees
 the label in its prompt: its record is (task prompt → trace → answer). A trace that names a
-different label than the gold one (as `evaluate.parse_label`, the parser of generated
+different label than the gold one (as `data.tasks.parse_label`, the parser of generated
 answers, reads it) is dropped (and counted), never trained on; a trace that names no label
 is kept.
 """

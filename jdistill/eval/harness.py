@@ -10,13 +10,13 @@ pruned or distilled student, or a llama.cpp .gguf file:
 
 or `python -m experiments.evaluate --model=DIR --harness_tasks=arc_easy,mmlu_pro`.
 
-The requests go through jdistill's own batched scoring core (`evaluate.choice_scores`:
+The requests go through jdistill's own batched scoring core (`eval.scoring.choice_scores`:
 contexts with a KV cache, the continuations of a context packed into one row, length
 buckets to bound recompiles) and `generate`, sharded on a mesh. Scoring follows the
 harness's HF model (`HFLM`): the same context/continuation split (`TemplateLM._encode_pair`),
 the BOS (else EOS) token as the context of an empty one, the same rolling windows for
 perplexity, stop sequences cut from greedy generations. Tokens are encoded without special
-tokens (as `evaluate.encode`); the tests check per-request log-likelihoods equal HFLM's.
+tokens (as `scoring.encode`); the tests check per-request log-likelihoods equal HFLM's.
 """
 
 from __future__ import annotations
