@@ -44,6 +44,12 @@ def test_imports_run_one_way():
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
+def _python_ok(code: str) -> None:
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("modules", ["jdistill", "jdistill.study, jdistill.scaling",
                                      "experiments.report", "experiments.plan",
                                      "experiments.fit"])
@@ -51,9 +57,7 @@ def test_analysis_side_imports_no_jax(modules):
     code = (f"import sys; import {modules}; "
             "bad = [m for m in ('jax', 'flax', 'optax', 'torch') if m in sys.modules]; "
             "assert not bad, bad")
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
+    _python_ok(code)
 
 
 def test_public_names_load_on_first_use():
@@ -62,9 +66,7 @@ def test_public_names_load_on_first_use():
             "assert jdistill.losses.fused_forward_kl is jdistill.fused_forward_kl; "
             "assert jdistill.losses.forward_kl is jdistill.forward_kl; "
             "from jdistill import ModelConfig, Decoder, save_pretrained, BlendWeights")
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
+    _python_ok(code)
 
 
 def test_the_dtype_flag_lists_what_checkpoints_load():

@@ -103,30 +103,19 @@ def test_missing_weights(tmp_path):
         jdistill.load_pretrained(tmp_path)
 
 
-def test_unsupported_architecture_lists_supported(tmp_path):
-    save_hf_model("qwen3", tmp_path)
+@pytest.mark.parametrize("variant, change, message", [
+    ("qwen3", dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
+     r"unsupported architecture.*llama.*mistral.*qwen2.*qwen3"),
+    ("llama3", dict(intermediate_size=64), r"mlp\.(down|gate|up)_proj\.weight has shape"),
+    ("llama3", dict(num_hidden_layers=3), r"lacks tensors.*layers\.2"),
+], ids=["unsupported_architecture_lists_supported", "shape_mismatch_names_tensor",
+        "tensor_names_not_matching_config"])
+def test_config_json_not_matching_is_explained(variant, change, message, tmp_path):
+    save_hf_model(variant, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    cfg.update(change)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"unsupported architecture.*llama.*mistral.*qwen2.*qwen3"):
-        jdistill.load_pretrained(tmp_path)
-
-
-def test_shape_mismatch_names_tensor(tmp_path):
-    save_hf_model("llama3", tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["intermediate_size"] = 64
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"mlp\.(down|gate|up)_proj\.weight has shape"):
-        jdistill.load_pretrained(tmp_path)
-
-
-def test_tensor_names_not_matching_config(tmp_path):
-    save_hf_model("llama3", tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["num_hidden_layers"] = 3
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"lacks tensors.*layers\.2"):
+    with pytest.raises(ValueError, match=message):
         jdistill.load_pretrained(tmp_path)
 
 
