@@ -74,33 +74,11 @@ def fused_token_terms(student_hidden, student_lm_head, teacher_hidden=None,
     Returns:
       ``(kl, ce)``: each ``[B, T]`` f32 or None when not requested.
     """
-    if student_hidden.ndim != 3:
-        raise ValueError(f"student_hidden must be [B, T, D], got {student_hidden.shape}")
-    b, t, d = student_hidden.shape
-    if student_lm_head.ndim != 2 or student_lm_head.shape[0] != d:
-        raise ValueError(f"student_lm_head must be [D={d}, V], got {student_lm_head.shape}")
-    v = student_lm_head.shape[1]
-    want_kl = teacher_hidden is not None
-    want_ce = targets is not None
-    if want_kl:
-        if teacher_lm_head is None:
-            raise ValueError("teacher_hidden needs teacher_lm_head")
-        if teacher_hidden.ndim != 3 or teacher_hidden.shape[:2] != (b, t):
-            raise ValueError(f"teacher_hidden must be [B={b}, T={t}, D'], got "
-                             f"{teacher_hidden.shape}")
-        if teacher_lm_head.shape != (teacher_hidden.shape[2], v):
-            raise ValueError(f"teacher_lm_head must be [D', V={v}], got {teacher_lm_head.shape}")
-        _check_params(kind, beta, lam)
-    if want_ce:
-        _check_mask(targets, (b, t), "targets")
-    if not (want_kl or want_ce):
-        raise ValueError("nothing to compute: pass teacher_hidden and/or targets")
-    _check_temperature(temperature)
-    if not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-
-    chunk = min(max(1, chunk_size // b), t)  # sequence positions per chunk
-    n_pad = (-t) % chunk
+    chunk, n_pad = _chunked_inputs(student_hidden, student_lm_head, teacher_hidden,
+                                   teacher_lm_head, targets, kind, temperature, beta, lam,
+                                   chunk_size)
+    b, t = student_hidden.shape[:2]
+    want_kl, want_ce = teacher_hidden is not None, targets is not None
     xs = {"hs": _chunk_positions(student_hidden, n_pad, chunk)}
     if want_kl:
         xs["ht"] = _chunk_positions(teacher_hidden, n_pad, chunk)
@@ -130,6 +108,137 @@ def fused_token_terms(student_hidden, student_lm_head, teacher_hidden=None,
     return kl, ce
 
 
+def _chunked_inputs(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, targets,
+                    kind, temperature, beta, lam, chunk_size):
+    """Checks fused_token_terms' arguments; returns (chunk positions, padding)."""
+    if student_hidden.ndim != 3:
+        raise ValueError(f"student_hidden must be [B, T, D], got {student_hidden.shape}")
+    b, t, d = student_hidden.shape
+    if student_lm_head.ndim != 2 or student_lm_head.shape[0] != d:
+        raise ValueError(f"student_lm_head must be [D={d}, V], got {student_lm_head.shape}")
+    v = student_lm_head.shape[1]
+    if teacher_hidden is not None:
+        if teacher_lm_head is None:
+            raise ValueError("teacher_hidden needs teacher_lm_head")
+        if teacher_hidden.ndim != 3 or teacher_hidden.shape[:2] != (b, t):
+            raise ValueError(f"teacher_hidden must be [B={b}, T={t}, D'], got "
+                             f"{teacher_hidden.shape}")
+        if teacher_lm_head.shape != (teacher_hidden.shape[2], v):
+            raise ValueError(f"teacher_lm_head must be [D', V={v}], got {teacher_lm_head.shape}")
+        _check_params(kind, beta, lam)
+    if targets is not None:
+        _check_mask(targets, (b, t), "targets")
+    if teacher_hidden is None and targets is None:
+        raise ValueError("nothing to compute: pass teacher_hidden and/or targets")
+    _check_temperature(temperature)
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    chunk = min(max(1, chunk_size // b), t)  # sequence positions per chunk
+    return chunk, (-t) % chunk
+
+
+def reduced_token_terms(reduce, student_hidden, student_lm_head, teacher_hidden=None,
+                        teacher_lm_head=None, targets=None, *, kind: Kind = "forward",
+                        temperature=1.0, beta=0.5, lam=0.1, chunk_size=512):
+    """``(reduce(kl, ce), (kl, ce))`` with the gradients formed in the forward pass.
+
+    ``reduce(kl, ce) -> scalar`` must be *linear* in the per-token terms (every masked mean
+    and blend of the losses is): then its per-token coefficients are its gradient, known
+    before any logits exist. Each chunk's logits are formed once, and in the same pass its
+    gradient with respect to the student hidden states and lm-head is computed and kept
+    (a ``jax.custom_vjp``, as Liger-Kernel's fused linear cross-entropy / JSD): per step the
+    lm-head costs 4 matmul units (student and teacher logits, d hidden, d lm-head) instead of
+    6 when the backward pass recomputes both logits. Memory stays bounded by one chunk's
+    ``[chunk, V]`` slabs plus the ``[D, V]`` f32 lm-head gradient.
+
+    ``kl``, ``ce`` (``[B, T]`` f32 or None) are returned for metrics, without gradient. The
+    loss's value is ``reduce`` of them, exactly as the unfused functions compute it.
+    """
+    chunk, n_pad = _chunked_inputs(student_hidden, student_lm_head, teacher_hidden,
+                                   teacher_lm_head, targets, kind, temperature, beta, lam,
+                                   chunk_size)
+    want_kl, want_ce = teacher_hidden is not None, targets is not None
+    b, t, d = student_hidden.shape
+    zeros = jnp.zeros((b, t), _F32)
+    coef_kl, coef_ce = jax.grad(lambda k, c: reduce(k if want_kl else None,
+                                                    c if want_ce else None),
+                                argnums=(0, 1))(zeros, zeros)
+
+    def chunk_terms(ls_raw, lt_raw, y):
+        """Per-token (kl, ce) of one chunk's f32 logits [N, V]."""
+        kl = (token_divergence(_log_softmax(ls_raw, temperature),
+                               _log_softmax(lt_raw, temperature), kind=kind, beta=beta,
+                               lam=lam) if want_kl else jnp.zeros(ls_raw.shape[:1], _F32))
+        ce = _token_ce(ls_raw, y) if want_ce else jnp.zeros(ls_raw.shape[:1], _F32)
+        return kl, ce
+
+    def chunks(hs, ht, y, ckl, cce):
+        xs = {"hs": _chunk_positions(hs, n_pad, chunk),
+              "ckl": _chunk_positions(ckl, n_pad, chunk),
+              "cce": _chunk_positions(cce, n_pad, chunk)}
+        if want_kl:
+            xs["ht"] = _chunk_positions(ht, n_pad, chunk)
+        if want_ce:
+            xs["y"] = _chunk_positions(y, n_pad, chunk)
+        return xs
+
+    def logits_of(h, w):  # [B, chunk, D] @ [D, V] as one 2-D matmul -> [B * chunk, V] f32
+        return jnp.dot(h.reshape(-1, h.shape[-1]), w, preferred_element_type=_F32)
+
+    def forward(hs, ws, ht, wt, y, ckl, cce, with_grads: bool):
+        xs = chunks(hs, ht, y, ckl, cce)
+
+        def step(dws, x):
+            ls_raw = logits_of(x["hs"], ws)
+            lt_raw = logits_of(x["ht"], wt) if want_kl else None
+            yy = x["y"].reshape(-1) if want_ce else None
+            if not with_grads:
+                kl, ce = chunk_terms(ls_raw, lt_raw, yy)
+                return dws, (kl.reshape(b, chunk), ce.reshape(b, chunk), None)
+            (kl, ce), pullback = jax.vjp(lambda ls: chunk_terms(ls, lt_raw, yy), ls_raw)
+            (dls,) = pullback((x["ckl"].reshape(-1), x["cce"].reshape(-1)))
+            dls = dls.astype(ws.dtype)
+            dhs = jnp.dot(dls, ws.T, preferred_element_type=_F32).astype(hs.dtype)
+            h2 = x["hs"].reshape(-1, d)
+            dws = dws + jnp.dot(h2.T, dls, preferred_element_type=_F32)
+            return dws, (kl.reshape(b, chunk), ce.reshape(b, chunk), dhs.reshape(b, chunk, d))
+
+        dws0 = jnp.zeros(ws.shape, _F32) if with_grads else None
+        dws, (kl, ce, dhs) = jax.lax.scan(step, dws0, xs)
+        kl, ce = _unchunk_positions(kl, t), _unchunk_positions(ce, t)
+        value = (jnp.sum(jnp.where(ckl != 0, ckl * kl, 0.0))
+                 + jnp.sum(jnp.where(cce != 0, cce * ce, 0.0)))
+        if not with_grads:
+            return value, kl, ce, None
+        dhs = jnp.moveaxis(dhs, 0, 1).reshape(b, -1, d)[:, :t]
+        return value, kl, ce, (dhs, dws.astype(ws.dtype))
+
+    @jax.custom_vjp
+    def linear_loss(hs, ws, ht, wt, y, ckl, cce):
+        return forward(hs, ws, ht, wt, y, ckl, cce, with_grads=False)[:3]
+
+    def linear_loss_fwd(hs, ws, ht, wt, y, ckl, cce):
+        value, kl, ce, grads = forward(hs, ws, ht, wt, y, ckl, cce, with_grads=True)
+        return (value, kl, ce), grads
+
+    def linear_loss_bwd(grads, cotangents):
+        g = cotangents[0]  # kl and ce leave under stop_gradient: theirs are zero
+        dhs, dws = grads
+        return ((g * dhs).astype(dhs.dtype), (g * dws).astype(dws.dtype), None, None, None,
+                None, None)
+
+    linear_loss.defvjp(linear_loss_fwd, linear_loss_bwd)
+    ht = jax.lax.stop_gradient(teacher_hidden) if want_kl else None
+    wt = jax.lax.stop_gradient(teacher_lm_head) if want_kl else None
+    y = targets if want_ce else None
+    fl, kl, ce = linear_loss(student_hidden, student_lm_head, ht, wt, y,
+                             jax.lax.stop_gradient(coef_kl), jax.lax.stop_gradient(coef_ce))
+    kl = jax.lax.stop_gradient(kl) if want_kl else None
+    ce = jax.lax.stop_gradient(ce) if want_ce else None
+    value = reduce(kl, ce)
+    return value + (fl - jax.lax.stop_gradient(fl)), (kl, ce)
+
+
 def fused_divergence(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, mask,
                      *, kind: Kind = "forward", temperature=1.0, beta=0.5, lam=0.1,
                      chunk_size=512):
@@ -150,11 +259,12 @@ def fused_divergence(student_hidden, student_lm_head, teacher_hidden, teacher_lm
       ``(loss, metrics)`` as in :func:`forward_kl`.
     """
     _check_mask(mask, student_hidden.shape[:2])
-    kl, _ = fused_token_terms(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head,
-                              kind=kind, temperature=temperature, beta=beta, lam=lam,
-                              chunk_size=chunk_size)
+    t2 = jnp.asarray(temperature, _F32) ** 2
+    loss, (kl, _) = reduced_token_terms(
+        lambda kl, _: t2 * masked_mean(kl, mask)[0], student_hidden, student_lm_head,
+        teacher_hidden, teacher_lm_head, kind=kind, temperature=temperature, beta=beta,
+        lam=lam, chunk_size=chunk_size)
     mean, count = masked_mean(kl, mask)
-    loss = jnp.asarray(temperature, _F32) ** 2 * mean
     return loss, {"loss": loss, "divergence": mean, "tokens": count}
 
 
@@ -176,10 +286,9 @@ def fused_cross_entropy(student_hidden, student_lm_head, targets, mask, *, chunk
       ``(loss, metrics)`` with metrics ``loss`` and ``tokens``.
     """
     _check_mask(mask, student_hidden.shape[:2])
-    _, ce = fused_token_terms(student_hidden, student_lm_head, targets=targets,
-                              chunk_size=chunk_size)
-    loss, count = masked_mean(ce, mask)
-    return loss, {"loss": loss, "tokens": count}
+    loss, (_, ce) = reduced_token_terms(lambda _, ce: masked_mean(ce, mask)[0], student_hidden,
+                                        student_lm_head, targets=targets, chunk_size=chunk_size)
+    return loss, {"loss": loss, "tokens": masked_mean(ce, mask)[1]}
 
 
 def fused_blended_cot_loss(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head,
@@ -200,13 +309,15 @@ def fused_blended_cot_loss(student_hidden, student_lm_head, teacher_hidden, teac
     need_ce = weights.trace_ce != 0 or weights.answer_ce != 0
     if not (need_kl or need_ce):
         raise ValueError("all blend weights are 0")
-    kl, ce = fused_token_terms(student_hidden, student_lm_head,
-                               teacher_hidden if need_kl else None,
-                               teacher_lm_head if need_kl else None,
-                               targets if need_ce else None,
-                               kind=kind, temperature=temperature, beta=beta, lam=lam,
-                               chunk_size=chunk_size)
-    return _blend(kl, ce, segment_ids, mask, weights, temperature, normalize)
+    def blend(kl, ce):
+        return _blend(kl, ce, segment_ids, mask, weights, temperature, normalize)
+
+    loss, (kl, ce) = reduced_token_terms(
+        lambda kl, ce: blend(kl, ce)[0], student_hidden, student_lm_head,
+        teacher_hidden if need_kl else None, teacher_lm_head if need_kl else None,
+        targets if need_ce else None, kind=kind, temperature=temperature, beta=beta, lam=lam,
+        chunk_size=chunk_size)
+    return loss, {**blend(kl, ce)[1], "loss": loss}
 
 
 def fused_topk_kl(student_hidden, student_lm_head, teacher_topk_logprobs, teacher_topk_ids,
