@@ -182,7 +182,9 @@ def step_flops(teacher: dict, student: dict, batch_size: int, seq_len: int) -> f
 
 def make_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> dict:
     """One [1, B, T] batch in `data.Batcher`'s layout: a prompt (first quarter, unsupervised),
-    a trace, and an answer (last eighth); targets are the next tokens; no padding."""
+    a trace, and an answer (last eighth); targets are the next tokens; no padding; the
+    supervised positions [1, B, K] (the trainer forms logits only there; the PyTorch
+    baseline, as transformers' models do, at every position)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, vocab, (batch_size, seq_len + 1), dtype=np.int32)
     segments = np.full((batch_size, seq_len), 1, np.int32)
@@ -191,6 +193,8 @@ def make_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> dict:
     ones = np.ones((batch_size, seq_len), bool)
     out = {"tokens": ids[:, :-1], "mask": ones, "targets": ids[:, 1:], "segments": segments,
            "loss_mask": ones}
+    # as every batcher gives the trainer: the positions whose target is not the prompt
+    out["supervised"] = np.stack([np.flatnonzero(s > 0) for s in segments]).astype(np.int32)
     return {k: v[None] for k, v in out.items()}
 
 

@@ -14,9 +14,9 @@ boundary — so no loss position has to be masked at the seams.
 seed, step), so a resumed run sees exactly the batches of an uninterrupted one.
 
 Batches also name their supervised positions (`supervised`: target segment not the prompt,
--1 padded to a fixed `supervised_capacity`): a task example is mostly prompt, and the
-training loss forms the [positions, vocab] logits only where a loss term can be non-zero
-(`train.batch_loss`), a fraction of the row.
+-1 padded to a fixed `supervised_capacity`), as `data.Batcher`'s do: a task example is
+mostly prompt, and the training loss forms the [positions, vocab] logits only where a loss
+term can be non-zero (`train.batch_loss`), a fraction of the row.
 """
 
 from __future__ import annotations
@@ -92,20 +92,6 @@ def supervised_capacity(encoded, seq_len: int) -> int:
         else:
             bound = max(bound, int(supervised.sum()))
     return min(bound, seq_len)
-
-
-def supervised_positions(rows: dict, capacity: int) -> np.ndarray:
-    """[..., seq_len] rows -> [..., capacity] int32 supervised positions, -1 padded."""
-    keep = rows["loss_mask"] & (rows["segments"] != data.PROMPT)
-    flat = keep.reshape(-1, keep.shape[-1])
-    out = np.full((flat.shape[0], capacity), -1, np.int32)
-    for r, row in enumerate(flat):
-        at = np.flatnonzero(row)
-        if len(at) > capacity:  # supervised_capacity is a bound; this is its guard
-            raise AssertionError(f"a packed row has {len(at)} supervised positions, more "
-                                 f"than the capacity {capacity}")
-        out[r, :len(at)] = at
-    return out.reshape(keep.shape[:-1] + (capacity,))
 
 
 def packing_efficiency(encoded, rows, seq_len: int) -> float:
@@ -191,4 +177,4 @@ class PackedBatcher:
         n = self.batch_size if rows is None else len(rows)
         out = {key: np.stack([b[key] for b in built]).reshape(self.accum, n, self.seq_len)
                for key in built[0]}
-        return {**out, "supervised": supervised_positions(out, self.capacity)}
+        return {**out, "supervised": data.supervised_positions(out, self.capacity)}

@@ -225,13 +225,35 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def supervised_positions(rows: dict, capacity: int) -> np.ndarray:
+    """[..., seq_len] rows -> [..., capacity] int32 supervised positions, -1 padded."""
+    keep = rows["loss_mask"] & (rows["segments"] != PROMPT)
+    flat = keep.reshape(-1, keep.shape[-1])
+    out = np.full((flat.shape[0], capacity), -1, np.int32)
+    for r, row in enumerate(flat):
+        at = np.flatnonzero(row)
+        if len(at) > capacity:  # supervised_capacity is a bound; this is its guard
+            raise AssertionError(f"a row has {len(at)} supervised positions, more "
+                                 f"than the capacity {capacity}")
+        out[r, :len(at)] = at
+    return out.reshape(keep.shape[:-1] + (capacity,))
+
+
+def row_capacity(encoded, seq_len: int) -> int:
+    """The most supervised positions (target segment not PROMPT) one example puts in a row of
+    `seq_len` positions (at least 1, so the arrays never have a zero-size axis)."""
+    return max(1, max(int((np.asarray(seg[1:seq_len + 1]) != PROMPT).sum())
+                      for _, seg in encoded))
+
+
 class Batcher:
     """Deterministic, resumable batches: the batch at `step` is a pure function of
     (examples, seed, step), so the data position of a run is its step count.
 
     Each epoch is a fresh seeded permutation. A batch is [accum, batch, seq_len] arrays:
       tokens, mask (real tokens), targets (next token), segments (segment of the target),
-      loss_mask (target is a real token).
+      loss_mask (target is a real token), and supervised [accum, batch, capacity]: the
+      positions whose target is not the prompt, -1 padded, where the trainer forms logits.
     """
 
     def __init__(self, encoded: list, *, batch_size: int, seq_len: int, seed: int = 0,
@@ -240,6 +262,7 @@ class Batcher:
             raise ValueError("no examples to batch")
         self.encoded, self.batch_size, self.seq_len = encoded, batch_size, seq_len
         self.seed, self.accum, self.pad_id = seed, accum, pad_id
+        self.capacity = row_capacity(encoded, seq_len)
 
     @property
     def rows_per_step(self) -> int:
@@ -273,4 +296,5 @@ class Batcher:
             tokens[r, :n], segs[r, :n], real[r, :n] = ids[:n], seg[:n], True
         out = {"tokens": tokens[:, :-1], "mask": real[:, :-1], "targets": tokens[:, 1:],
                "segments": segs[:, 1:], "loss_mask": real[:, 1:] & real[:, :-1]}
-        return {k: v.reshape(picked.shape + (t,)) for k, v in out.items()}
+        out = {k: v.reshape(picked.shape + (t,)) for k, v in out.items()}
+        return {**out, "supervised": supervised_positions(out, self.capacity)}

@@ -207,7 +207,8 @@ def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: Di
     targets, segments, loss_mask = batch["targets"], batch["segments"], batch["loss_mask"]
     if "supervised" in batch:
         # only these positions can carry a loss term (prompt targets never do): the lm-head
-        # and the loss run on them alone, ~1/4 of a packed row of label examples
+        # and the loss run on them alone (every batcher names them; ~1/4 of a packed row
+        # of label examples, the answer alone of an unpacked one)
         at = batch["supervised"]
         h_s, targets, segments = (_at(x, at) for x in (h_s, targets, segments))
         h_t = None if h_t is None else _at(h_t, at)
