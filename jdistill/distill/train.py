@@ -195,8 +195,12 @@ def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: Di
     weights, normalize = cfg.blend
     if "topk_ids" in batch:  # offline KD from cached teacher top-k: no teacher forward
         supervised = batch["loss_mask"] * (batch["segments"] != losses.PROMPT)
-        return fused.fused_topk_kl(h_s, w_s, batch["topk_logprobs"], batch["topk_ids"],
-                                    supervised, temperature=cfg.temperature,
+        lp, ids = batch["topk_logprobs"], batch["topk_ids"]
+        if "supervised" in batch:  # the lm-head only where the top-k KL can be non-zero
+            at = batch["supervised"]
+            h_s, lp, ids = (_at(x, at) for x in (h_s, lp, ids))
+            supervised = _at(supervised, at) * (at >= 0)
+        return fused.fused_topk_kl(h_s, w_s, lp, ids, supervised, temperature=cfg.temperature,
                                     chunk_size=cfg.chunk_size)
     h_t = w_t = None
     if cfg.needs_teacher:
