@@ -1,6 +1,8 @@
 """Speed of one distillation step: our jitted step vs the same step in transformers PyTorch.
 
-  python -m experiments.benchmark                                  # CPU default, ~1-2 min
+  python -m experiments.benchmark                                  # the real size (SmolLM2-135M
+                                                                   # -> 15 layers), minutes on CPU
+  python -m experiments.benchmark --preset=small                   # a 7M toy, ~1-2 min
   python -m experiments.benchmark --preset=tiny --steps=2 --out=/tmp/bench.json
   python -m experiments.benchmark --preset=1b                      # GPU: MFU, no torch
   python -m experiments.benchmark --student_dims=layers=8,hidden=512 --format=logits
@@ -27,8 +29,8 @@ MFU (printed on GPU, or whenever --peak_tflops is given) counts model FLOPs only
                                                      T x T (what `model.attend` computes)
   FLOPs/step = tokens * ((2*N_t + A_t) + 3 * (2*N_s + A_s))
 i.e. teacher forward + student forward and backward (backward = 2x forward). Not counted:
-the lm-head logits the fused loss recomputes in the backward pass (remat), norms, softmax,
-the optimizer.
+norms, softmax, the optimizer. The lm-head is counted at every position, although the
+trainer forms it only at the supervised ones (3/4 of this batch): MFU overstates it there.
 """
 
 from __future__ import annotations
@@ -61,13 +63,14 @@ PRESETS = {
                  student=dict(hidden=64, ffn=128, layers=1, heads=4, kv_heads=2, vocab=512,
                               tie=1),
                  batch_size=2, seq_len=32, dtype="float32", steps=3),
-    # the CPU default (~1-2 min on 2 cores): student = half the teacher's layers and MLP
+    # a toy (~1-2 min on 2 cores): student = half the teacher's layers and MLP
     "small": dict(teacher=dict(hidden=256, ffn=768, layers=4, heads=4, kv_heads=2, vocab=16384,
                                tie=1),
                   student=dict(hidden=256, ffn=384, layers=2, heads=4, kv_heads=2, vocab=16384,
                                tie=1),
                   batch_size=8, seq_len=256, dtype="float32", steps=5),
-    # SmolLM2-135M as the teacher, a half-depth student
+    # the default, the size every experiment runs at: SmolLM2-135M as the teacher, a
+    # half-depth student
     "smollm": dict(teacher=dict(hidden=576, ffn=1536, layers=30, heads=9, kv_heads=3,
                                 vocab=49152, tie=1),
                    student=dict(hidden=576, ffn=1536, layers=15, heads=9, kv_heads=3,
@@ -81,7 +84,7 @@ PRESETS = {
                batch_size=8, seq_len=1024, dtype="bfloat16", steps=10),
 }
 
-PRESET = flags.DEFINE_enum("preset", "small", list(PRESETS), "model sizes and batch defaults")
+PRESET = flags.DEFINE_enum("preset", "smollm", list(PRESETS), "model sizes and batch defaults")
 TEACHER_DIMS = flags.DEFINE_string(
     "teacher_dims", None, "override preset teacher dims, e.g. hidden=576,ffn=1536,layers=30,"
     f"heads=9,kv_heads=3,vocab=49152 (keys {', '.join(DIM_KEYS)})")
