@@ -108,14 +108,25 @@ def fused_token_terms(student_hidden, student_lm_head, teacher_hidden=None,
     return kl, ce
 
 
-def _chunked_inputs(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, targets,
-                    kind, temperature, beta, lam, chunk_size):
-    """Checks fused_token_terms' arguments; returns (chunk positions, padding)."""
+def _student_chunking(student_hidden, student_lm_head, chunk_size):
+    """Checks the student's hidden states [B, T, D], lm-head [D, V] and chunk_size; returns
+    (sequence positions per chunk, padding of T): every chunk holds the whole batch."""
     if student_hidden.ndim != 3:
         raise ValueError(f"student_hidden must be [B, T, D], got {student_hidden.shape}")
     b, t, d = student_hidden.shape
     if student_lm_head.ndim != 2 or student_lm_head.shape[0] != d:
         raise ValueError(f"student_lm_head must be [D={d}, V], got {student_lm_head.shape}")
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    chunk = min(max(1, chunk_size // b), t)
+    return chunk, (-t) % chunk
+
+
+def _chunked_inputs(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, targets,
+                    kind, temperature, beta, lam, chunk_size):
+    """Checks fused_token_terms' arguments; returns (chunk positions, padding)."""
+    chunking = _student_chunking(student_hidden, student_lm_head, chunk_size)
+    b, t, _ = student_hidden.shape
     v = student_lm_head.shape[1]
     if teacher_hidden is not None:
         if teacher_lm_head is None:
@@ -131,10 +142,7 @@ def _chunked_inputs(student_hidden, student_lm_head, teacher_hidden, teacher_lm_
     if teacher_hidden is None and targets is None:
         raise ValueError("nothing to compute: pass teacher_hidden and/or targets")
     _check_temperature(temperature)
-    if not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-    chunk = min(max(1, chunk_size // b), t)  # sequence positions per chunk
-    return chunk, (-t) % chunk
+    return chunking
 
 
 def reduced_token_terms(reduce, student_hidden, student_lm_head, teacher_hidden=None,
@@ -185,16 +193,17 @@ def reduced_token_terms(reduce, student_hidden, student_lm_head, teacher_hidden=
     def logits_of(h, w):  # [B, chunk, D] @ [D, V] as one 2-D matmul -> [B * chunk, V] f32
         return jnp.dot(h.reshape(-1, h.shape[-1]), w, preferred_element_type=_F32)
 
-    def forward(hs, ws, ht, wt, y, ckl, cce, with_grads: bool):
+    def weighted(kl, ce, ckl, cce):  # sum_t c_t * term_t; masked-out (c = 0) terms never count
+        return (jnp.sum(jnp.where(ckl != 0, ckl * kl, 0.0))
+                + jnp.sum(jnp.where(cce != 0, cce * ce, 0.0)))
+
+    def with_grads(hs, ws, ht, wt, y, ckl, cce):
         xs = chunks(hs, ht, y, ckl, cce)
 
         def step(dws, x):
             ls_raw = logits_of(x["hs"], ws)
             lt_raw = logits_of(x["ht"], wt) if want_kl else None
             yy = x["y"].reshape(-1) if want_ce else None
-            if not with_grads:
-                kl, ce = chunk_terms(ls_raw, lt_raw, yy)
-                return dws, (kl.reshape(b, chunk), ce.reshape(b, chunk), None)
             (kl, ce), pullback = jax.vjp(lambda ls: chunk_terms(ls, lt_raw, yy), ls_raw)
             (dls,) = pullback((x["ckl"].reshape(-1), x["cce"].reshape(-1)))
             dls = dls.astype(ws.dtype)
@@ -203,23 +212,21 @@ def reduced_token_terms(reduce, student_hidden, student_lm_head, teacher_hidden=
             dws = dws + jnp.dot(h2.T, dls, preferred_element_type=_F32)
             return dws, (kl.reshape(b, chunk), ce.reshape(b, chunk), dhs.reshape(b, chunk, d))
 
-        dws0 = jnp.zeros(ws.shape, _F32) if with_grads else None
-        dws, (kl, ce, dhs) = jax.lax.scan(step, dws0, xs)
+        dws, (kl, ce, dhs) = jax.lax.scan(step, jnp.zeros(ws.shape, _F32), xs)
         kl, ce = _unchunk_positions(kl, t), _unchunk_positions(ce, t)
-        value = (jnp.sum(jnp.where(ckl != 0, ckl * kl, 0.0))
-                 + jnp.sum(jnp.where(cce != 0, cce * ce, 0.0)))
-        if not with_grads:
-            return value, kl, ce, None
         dhs = jnp.moveaxis(dhs, 0, 1).reshape(b, -1, d)[:, :t]
-        return value, kl, ce, (dhs, dws.astype(ws.dtype))
+        return (weighted(kl, ce, ckl, cce), kl, ce), (dhs, dws.astype(ws.dtype))
 
     @jax.custom_vjp
-    def linear_loss(hs, ws, ht, wt, y, ckl, cce):
-        return forward(hs, ws, ht, wt, y, ckl, cce, with_grads=False)[:3]
+    def linear_loss(hs, ws, ht, wt, y, ckl, cce):  # not differentiated: the plain pass
+        kl, ce = fused_token_terms(hs, ws, ht, wt, y, kind=kind, temperature=temperature,
+                                   beta=beta, lam=lam, chunk_size=chunk_size)
+        kl = jnp.zeros(hs.shape[:2], _F32) if kl is None else kl
+        ce = jnp.zeros(hs.shape[:2], _F32) if ce is None else ce
+        return weighted(kl, ce, ckl, cce), kl, ce
 
     def linear_loss_fwd(hs, ws, ht, wt, y, ckl, cce):
-        value, kl, ce, grads = forward(hs, ws, ht, wt, y, ckl, cce, with_grads=True)
-        return (value, kl, ce), grads
+        return with_grads(hs, ws, ht, wt, y, ckl, cce)
 
     def linear_loss_bwd(grads, cotangents):
         g = cotangents[0]  # kl and ce leave under stop_gradient: theirs are zero
@@ -337,18 +344,11 @@ def fused_topk_kl(student_hidden, student_lm_head, teacher_topk_logprobs, teache
     Returns:
       ``(loss, metrics)`` as in :func:`topk_kl`.
     """
-    if student_hidden.ndim != 3:
-        raise ValueError(f"student_hidden must be [B, T, D], got {student_hidden.shape}")
+    chunk, n_pad = _student_chunking(student_hidden, student_lm_head, chunk_size)
     b, t, d = student_hidden.shape
-    if student_lm_head.ndim != 2 or student_lm_head.shape[0] != d:
-        raise ValueError(f"student_lm_head must be [D={d}, V], got {student_lm_head.shape}")
-    if not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     lt, ids = _check_topk((b, t), teacher_topk_logprobs, teacher_topk_ids, mask, missing,
                           temperature, student_lm_head.shape[1])
     k = lt.shape[-1]
-    chunk = min(max(1, chunk_size // b), t)
-    n_pad = (-t) % chunk
     xs = {"hs": _chunk_positions(student_hidden, n_pad, chunk),
           "lt": _chunk_positions(lt, n_pad, chunk), "ids": _chunk_positions(ids, n_pad, chunk)}
 
