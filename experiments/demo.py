@@ -40,8 +40,7 @@ def main(argv):
           flush=True)
     an = sd.analyze(sd.load_study(results), n_boot=N_BOOT.value)
     path = report.write_report(an, results, out / "report")
-    for f in sd.summary(an)["findings"]:
-        print(f"{f['status']:>15}  {f['id']}: {f['claim']}")
+    print(report.findings_text(an))
     print(f"wrote {path}")
     plan = sd.plan(an, min_in_domain_rel=MIN_IN_DOMAIN_REL, max_general_drop=MAX_GENERAL_DROP)
     files.atomic_write_json(out / "report" / "plan.json", plan, indent=1)

@@ -9,8 +9,6 @@ Writes OUT/report.md (findings table, fitted parameters, raw results), OUT/fits.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 from absl import app, flags
 
@@ -41,9 +39,7 @@ def main(argv):
     an = sd.analyze(sd.load_study(FLAGS.results), method=FLAGS.method,
                     schedule=FLAGS.schedule, n_boot=FLAGS.n_boot, seed=FLAGS.seed)
     path = report.write_report(an, FLAGS.results, FLAGS.out)
-    summary = json.loads((Path(FLAGS.out) / "fits.json").read_text())
-    for f in summary["findings"]:
-        print(f"{f['status']:>15}  {f['id']}: {f['claim']}")
+    print(report.findings_text(an))
     print(f"wrote {path}")
 
 

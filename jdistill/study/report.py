@@ -36,6 +36,12 @@ def write_report(an: Analysis, results_path, out_dir) -> Path:
     return path
 
 
+def findings_text(an: Analysis) -> str:
+    """One line per finding: its status, id and claim (what the report and demo mains print)."""
+    return "\n".join(f"{f['status']:>15}  {f['id']}: {f['claim']}"
+                     for f in findings_summary(an)["findings"])
+
+
 # ----------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------
