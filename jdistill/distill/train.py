@@ -31,8 +31,9 @@ from flax import nnx
 
 from jdistill import sharding as sharding_lib
 from jdistill.distill import formats, fused, losses
+from jdistill.models import flops as flops_lib
 from jdistill.models import lora as lora_lib
-from jdistill.models.decoder import Decoder, stack_trees
+from jdistill.models.decoder import REMAT_POLICIES, Decoder, stack_trees
 from jdistill.utils import files as results
 from jdistill.utils import tracking
 
@@ -70,6 +71,9 @@ class DistillConfig:
     lora_targets: str = _field(r"self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj",
                                "regex of the linear layers LoRA adapts")
     chunk_size: int = _field(512, "tokens per chunk of the fused lm-head loss")
+    remat: str = _field("none", "what the backward pass recomputes of each student layer: "
+                        "none (fastest), dots (projections kept), full (least memory)",
+                        tuple(REMAT_POLICIES))
     seed: int = _field(0, "data order, LoRA init and dropout seed")
 
     def __post_init__(self):
@@ -78,6 +82,8 @@ class DistillConfig:
             raise ValueError(f"unknown loss kind {self.kind!r}; choose one of {losses.KINDS}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
@@ -158,6 +164,15 @@ def student_params(state_params, frozen, cfg: DistillConfig, rng=None):
     return lora_lib.apply_lora(frozen, state_params, dropout=cfg.lora_dropout, rng=rng)
 
 
+def teacher_inputs(teacher_params: dict | None, cfg: DistillConfig) -> dict | None:
+    """The frozen teacher as the step takes it: cast to the compute dtype and layers
+    stacked, once per run (inside the step both were redone every step: a copy of every
+    teacher weight)."""
+    if teacher_params is None:
+        return None
+    return stack_layers(_cast(teacher_params, DTYPES[cfg.compute_dtype]))
+
+
 def _cast(tree, dtype):
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
                                   else x, tree)
@@ -190,7 +205,7 @@ def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: Di
     documents = batch.get("documents")
     student = nnx.merge(s_graphdef, _cast(params, dtype))
     h_s, _ = student.forward(batch["tokens"], attention_mask=batch["mask"],
-                             documents=documents)
+                             documents=documents, remat=cfg.remat)
     w_s = student.unembed_weight()
     weights, normalize = cfg.blend
     if "topk_ids" in batch:  # offline KD from cached teacher top-k: no teacher forward
@@ -203,10 +218,10 @@ def batch_loss(params, teacher_params, batch, *, s_graphdef, t_graphdef, cfg: Di
         return fused.fused_topk_kl(h_s, w_s, lp, ids, supervised, temperature=cfg.temperature,
                                     chunk_size=cfg.chunk_size)
     h_t = w_t = None
-    if cfg.needs_teacher:
-        teacher = nnx.merge(t_graphdef, _cast(teacher_params, dtype))
+    if cfg.needs_teacher:  # its params arrive cast and stacked (`teacher_inputs`)
+        teacher = nnx.merge(t_graphdef, unstack_layers(teacher_params))
         h_t, _ = teacher.forward(batch["tokens"], attention_mask=batch["mask"],
-                                 documents=documents)
+                                 documents=documents, layers=teacher_params["layers"])
         h_t, w_t = jax.lax.stop_gradient((h_t, teacher.unembed_weight()))
     targets, segments, loss_mask = batch["targets"], batch["segments"], batch["loss_mask"]
     if "supervised" in batch:
@@ -287,6 +302,7 @@ class RunResult:
     tokens_seen: int
     seconds: float
     final_metrics: dict
+    throughput: dict = dataclasses.field(default_factory=dict)  # `_Meter.speed`
 
 
 def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig, *,
@@ -340,14 +356,15 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
             f"{_spans(rows)} of {batcher.batch_size} per micro-batch")
     start = int(state.step)
     tokens_per_step = batcher.rows_per_step * batcher.seq_len
-    t0, metrics = time.perf_counter(), {}
+    meter = _Meter(start, tokens_per_step, devices=mesh.size, dtype=cfg.compute_dtype)
+    metrics = {}
     owned = writer is None
     if owned:
         writer = tracking.open_writer(tracking.DEFAULT, logdir=workdir / "tensorboard")
-    for step in range(start, cfg.steps):
-        batch = load_batch(step)
-        state, metrics = step_fn(state, frozen, t_params, batch)
-        done = step + 1
+
+    def finish(done, metrics):
+        """Reads a step's metrics (the host's only wait for the device), stops on a
+        non-finite step, logs every `log_every` steps."""
         if not float(metrics["finite"]):
             last = None if manager is None else manager.latest_step()
             kept = (f"the last good checkpoint is step {last} in {workdir / 'checkpoints'}"
@@ -356,20 +373,34 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
                 f"non-finite loss or gradient at step {done} (loss {float(metrics['loss'])}, "
                 f"grad norm {float(metrics['grad_norm'])}); {kept}; lower the learning rate, "
                 "check the data, or check the teacher for NaN weights")
-        if manager is not None and (done % checkpoint_every == 0 or done == cfg.steps):
-            manager.save(done, args=ocp.args.StandardSave(state))
+        meter.tick(done)
         if done % log_every == 0 or done == cfg.steps or done == start + 1:
-            elapsed = time.perf_counter() - t0
-            rate = (done - start) * tokens_per_step / max(elapsed, 1e-9)
-            eta = (cfg.steps - done) * elapsed / (done - start)
-            row = {"step": done, **{k: float(v) for k, v in metrics.items()},
-                   "tokens_per_s": rate, "elapsed_s": elapsed}
+            speed = meter.speed()
+            row = {"step": done, **{k: float(v) for k, v in metrics.items()}, **speed}
             _append_metrics(workdir / "metrics.jsonl", row)
-            writer.scalars(done, row, prefix="train")
+            writer.scalars(done, {k: v for k, v in row.items() if v is not None}, prefix="train")
             terms = " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()
                              if k in ("loss", "trace_kl", "trace_ce", "answer_kl", "answer_ce",
                                       "union_kl", "union_ce", "grad_norm"))
-            log(f"step {done}/{cfg.steps} {terms} | {rate:,.0f} tok/s | ETA {eta:,.0f}s")
+            log(f"step {done}/{cfg.steps} {terms} | {meter.line(speed)} | ETA "
+                f"{meter.eta(cfg.steps - done):,.0f}s")
+
+    pending = None  # the last dispatched step, its metrics not read yet
+    for step in range(start, cfg.steps):
+        batch = load_batch(step)
+        if meter.flops_per_step is None:
+            meter.flops_per_step = batch_flops(batch, student, teacher, cfg)
+        state, metrics = step_fn(state, frozen, t_params, batch)
+        done = step + 1
+        if pending is not None:  # read step N while step N + 1 runs (no per-step host sync)
+            finish(*pending)
+        pending = (done, metrics)
+        if manager is not None and (done % checkpoint_every == 0 or done == cfg.steps):
+            finish(*pending)  # a checkpoint only of a step known to be finite
+            pending = None
+            manager.save(done, args=ocp.args.StandardSave(state))
+    if pending is not None:
+        finish(*pending)
     if manager is not None:
         manager.wait_until_finished()
     if owned:
@@ -379,9 +410,72 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
     if getattr(student, "source_path", None):
         trained.source_path = student.source_path
     return RunResult(student=trained, steps_run=cfg.steps - start, resumed_from=resumed_from,
-                     tokens_seen=cfg.steps * tokens_per_step,
-                     seconds=time.perf_counter() - t0,
-                     final_metrics={k: float(v) for k, v in metrics.items()})
+                     tokens_seen=cfg.steps * tokens_per_step, seconds=meter.elapsed(),
+                     final_metrics={k: float(v) for k, v in metrics.items()},
+                     throughput=meter.speed())
+
+
+def batch_flops(batch: dict, student: Decoder, teacher: Decoder | None,
+                cfg: DistillConfig) -> float:
+    """Model FLOPs of one step on this batch's shapes (`models.flops`): the lm-head at the
+    supervised positions the batch names, the teacher's forward when the step runs it."""
+    accum, rows, seq_len = batch["tokens"].shape
+    lm = None if "supervised" not in batch else rows * batch["supervised"].shape[-1]
+    online_teacher = cfg.needs_teacher and "topk_ids" not in batch
+    return accum * flops_lib.step_flops(
+        student.config, teacher.config if online_teacher else None, batch=rows,
+        seq_len=seq_len, lm_positions=lm, lora=bool(cfg.lora_rank))
+
+
+class _Meter:
+    """Step times and the speeds shown in progress lines and rows. The first step's time
+    is compilation mostly: the rates are over the steps after it once there are any."""
+
+    def __init__(self, start: int, tokens_per_step: int, *, devices: int, dtype: str):
+        self.start, self.tokens, self.devices, self.dtype = start, tokens_per_step, devices, dtype
+        self.device_kind = jax.devices()[0].device_kind
+        self.flops_per_step = None
+        self.t0 = time.perf_counter()
+        self.first = None  # (step, time) when the first step's metrics were read
+        self.last = None
+
+    def tick(self, done: int):
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (done, now)
+        self.last = (done, now)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def step_seconds(self) -> float | None:
+        if self.last is None:
+            return None
+        (s0, t0), (s1, t1) = self.first, self.last
+        if s1 > s0:
+            return (t1 - t0) / (s1 - s0)
+        return (t1 - self.t0) / max(s1 - self.start, 1)  # only the first step so far
+
+    def speed(self) -> dict:
+        sec = self.step_seconds()
+        if sec is None:  # no step ran (a resumed run that was already done)
+            return {}
+        out = {"step_s": sec, "tokens_per_s": self.tokens / sec, "elapsed_s": self.elapsed()}
+        if self.flops_per_step:
+            out.update(flops_lib.utilisation(self.flops_per_step, sec, devices=self.devices,
+                                             device_kind=self.device_kind, dtype=self.dtype))
+        return out
+
+    def line(self, speed: dict) -> str:
+        text = f"{speed['tokens_per_s']:,.0f} tok/s"
+        if "model_tflops_per_s" in speed:
+            text += f" | {speed['model_tflops_per_s']:.3g} TFLOP/s"
+            if speed["mfu"] is not None:
+                text += f" MFU {100 * speed['mfu']:.1f}%"
+        return text
+
+    def eta(self, steps_left: int) -> float:
+        return steps_left * (self.step_seconds() or 0.0)
 
 
 SETTINGS_FILE = "run_settings.json"  # beside the checkpoints: what a resume must match
@@ -389,8 +483,9 @@ SETTINGS_FILE = "run_settings.json"  # beside the checkpoints: what a resume mus
 
 def run_settings(cfg: DistillConfig, batcher, student) -> dict:
     """What a resumed run must share with the checkpointed one: the optimisation (but
-    `steps`: a run may be extended), the batches and the student's size (JSON-ready)."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}
+    `steps`: a run may be extended; `remat` changes memory, not results), the batches and
+    the student's size (JSON-ready)."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "remat")}
     return {"config": json.loads(json.dumps(config, default=str)),
             "batches": {"kind": type(batcher).__name__, "batch_size": batcher.batch_size,
                         "accum": batcher.accum, "seq_len": batcher.seq_len,
@@ -456,7 +551,12 @@ def _place(student, t_params, mesh, cfg):
         return jax.tree_util.tree_map(jnp.copy, state)
 
     state = jax.jit(init, out_shardings=state_sh)(base)
-    return state, (base if cfg.lora_rank else None), shard(t_params), state_sh
+    teacher = None
+    if t_params is not None:  # cast and stacked on the mesh, as the student's state is
+        prepare = lambda t: teacher_inputs(t, cfg)  # noqa: E731
+        t_sh = sharding_lib.state_shardings(jax.eval_shape(prepare, t_params), mesh)
+        teacher = jax.jit(prepare, out_shardings=t_sh)(shard(t_params))
+    return state, (base if cfg.lora_rank else None), teacher, state_sh
 
 
 def _batch_loader(batcher, mesh):

@@ -15,6 +15,8 @@ reassociating a masked reduction: ~1 ulp).
 
 from __future__ import annotations
 
+import os
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -68,24 +70,76 @@ def rms_norm(x, weight, eps, channel_mask=None):
     return y if channel_mask is None else y * channel_mask.astype(y.dtype)
 
 
-def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None):
-    """Causal GQA attention. q [B,T,H,hd], k/v [B,S,KV,hd], q_slots [T], k_slots [S],
-    k_valid [B,S] (or [B,T,S] when queries differ in which keys they may see: packing).
-    Scores and softmax in f32; masked with a finite minimum so rows with no valid key
-    (padding queries) give a harmless uniform average instead of NaN."""
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_ENV = "JDISTILL_ATTENTION"  # forces one implementation (benchmarks, debugging)
+
+
+def attention_implementation(dtype, head_dim: int) -> str:
+    """The kernel `jax.nn.dot_product_attention` is told to use, chosen per backend:
+    cuDNN's fused flash attention on a GPU where it applies (bf16/f16, head_dim a multiple
+    of 8 up to 128): no [B, H, T, S] scores in memory. XLA elsewhere: on CPU it is the
+    fastest there is; on TPU too for now (JAX's Pallas splash kernel needs 128-aligned
+    lengths and its own mask objects: not built). `JDISTILL_ATTENTION` overrides."""
+    forced = os.environ.get(ATTENTION_ENV)
+    if forced:
+        if forced not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"{ATTENTION_ENV}={forced!r}: use one of "
+                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)} (or unset it)")
+        return forced
+    if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128):
+        return "cudnn"
+    return "xla"
+
+
+def allowed_keys(q_slots, k_slots, k_valid, sliding_window=None):
+    """[B, T, S] bool: which keys each query may attend to (causal, window, padding and,
+    for packed rows, its own document)."""
     allowed = k_slots[None, :] <= q_slots[:, None]
     if sliding_window is not None:
         allowed &= (q_slots[:, None] - k_slots[None, :]) < sliding_window
-    allowed = allowed[None, :, :] & (k_valid[:, None, :] if k_valid.ndim == 2 else k_valid)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, hd)
+    return allowed[None, :, :] & (k_valid[:, None, :] if k_valid.ndim == 2 else k_valid)
+
+
+def attention_args(q_slots, k_slots, k_valid, sliding_window=None, *, aligned: bool,
+                   fused: bool) -> dict:
+    """Mask arguments of `jax.nn.dot_product_attention`. A fused kernel (cuDNN) takes the
+    causal and window structure as flags, so it skips the masked blocks and never forms
+    the scores; only padding / document structure goes in as a [B, 1, T, S] mask. That
+    needs query i at key slot i (`aligned`: self-attention without a cache); otherwise,
+    and for XLA, the whole mask [B, 1, T, S]."""
+    if not (fused and aligned):
+        return {"mask": allowed_keys(q_slots, k_slots, k_valid, sliding_window)[:, None]}
+    t = q_slots.shape[0]
+    docs = k_valid[:, None, :] if k_valid.ndim == 2 else k_valid
+    return {"mask": jnp.broadcast_to(docs, (docs.shape[0], t, k_slots.shape[0]))[:, None],
+            "is_causal": True,
+            "local_window_size": None if sliding_window is None else (sliding_window - 1, 0)}
+
+
+def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None, *, aligned=False):
+    """Causal GQA attention through `jax.nn.dot_product_attention`. q [B,T,H,hd], k/v
+    [B,S,KV,hd], q_slots [T], k_slots [S], k_valid [B,S] (or [B,T,S] when queries differ in
+    which keys they may see: packing). Scores and softmax in f32; masked with a large
+    finite negative, so rows with no valid key (padding queries) give a harmless uniform
+    average instead of NaN. `aligned`: q_slots == k_slots (self-attention, no cache)."""
+    impl = attention_implementation(q.dtype, q.shape[-1])
+    args = attention_args(q_slots, k_slots, k_valid, sliding_window, aligned=aligned,
+                          fused=impl != "xla")
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), **args,
+                                        implementation=impl)
+
+
+# What the backward pass of a scanned layer keeps from its forward (`jax.checkpoint`):
+# none = everything (fastest, most memory: the [B, H, T, S] attention probabilities of
+# every layer on XLA's path); dots = the projections' outputs, attention and elementwise
+# work recomputed (batched dots, i.e. attention's, are not saved); full = only each
+# layer's input, the whole layer recomputed (least memory, ~1/3 more compute).
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def _param(rngs, shape, dtype, std=0.02):
@@ -131,7 +185,8 @@ class Attention(nnx.Module):
             values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype),
                                                   (0, cache_index, 0, 0))
             k_slots = jnp.arange(keys.shape[1])
-        out = attend(q, keys, values, q_slots, k_slots, k_valid, c.sliding_window)
+        out = attend(q, keys, values, q_slots, k_slots, k_valid, c.sliding_window,
+                     aligned=cache_kv is None)
         if head_mask is not None:
             out = out * head_mask.astype(out.dtype)[:, None]
         if acts is not None:
@@ -213,7 +268,7 @@ class Decoder(nnx.Module):
         return hidden @ self.unembed_weight()
 
     def forward(self, tokens, *, attention_mask=None, positions=None, masks=None, cache=None,
-                activations=None, documents=None, layers=None):
+                activations=None, documents=None, layers=None, remat="none"):
         """Final normed hidden states [B, T, D] (and the updated cache, or None).
 
         tokens [B, T] int; attention_mask [B, T] (1 = real token; left or right padding);
@@ -230,6 +285,7 @@ class Decoder(nnx.Module):
         `layers`: `self.stacked_layers()`, computed once by a caller that runs many
         forwards of one model inside one jitted function (the decode loop of `generate`);
         by default every call stacks them.
+        `remat`: what the backward pass recomputes of each scanned layer (`REMAT_POLICIES`).
         """
         c = self.config
         b, t = tokens.shape
@@ -268,7 +324,7 @@ class Decoder(nnx.Module):
         x = _mask_channels(self.embed_tokens[...][tokens], masks.get("hidden"))
         attn = (cos, sin, q_slots, k_valid)  # what every layer's attention needs
         if activations is None:
-            x, new_k, new_v = self._scan_layers(x, attn, index, masks, cache, layers)
+            x, new_k, new_v = self._scan_layers(x, attn, index, masks, cache, layers, remat)
         else:
             x, new_k, new_v = self._loop_layers(x, attn, index, masks, cache, activations)
         x = rms_norm(x, self.norm[...], c.rms_norm_eps, masks.get("hidden"))
@@ -287,7 +343,7 @@ class Decoder(nnx.Module):
         once. A train step's weights arrive stacked, and stack(unstack(x)) folds away."""
         return stack_trees([nnx.state(layer) for layer in self.layers])
 
-    def _scan_layers(self, x, attn, index, masks, cache, layers=None):
+    def _scan_layers(self, x, attn, index, masks, cache, layers=None, remat="none"):
         """The layers as one `lax.scan` over their stacked parameters: XLA compiles one
         layer instead of num_layers copies (a 30-layer step compiles ~10x faster on a CPU).
         Every layer has the config's shapes, so the states stack."""
@@ -305,6 +361,10 @@ class Decoder(nnx.Module):
             return (y if keep is None else jnp.where(keep, y, x)), \
                 (None if cache is None else kv)  # without a cache nothing is kept
 
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: use one of {', '.join(REMAT_POLICIES)}")
+        if REMAT_POLICIES[remat] is not None:
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         x, kv = jax.lax.scan(body, x, xs)
         return (x, None, None) if cache is None else (x, *kv)
 

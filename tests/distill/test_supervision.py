@@ -295,7 +295,7 @@ def test_offline_topk_kd_equals_online_teacher_kl(teacher, full_topk, tiny_check
     loss = jax.jit(functools.partial(train.batch_loss, s_graphdef=s_graphdef,
                                      t_graphdef=t_graphdef, cfg=cfg))
     offline, _ = loss(s_params, None, micro)
-    online, _ = loss(s_params, t_params, online_batch)
+    online, _ = loss(s_params, train.teacher_inputs(t_params, cfg), online_batch)
     assert float(online) > 0.3
     assert abs(float(offline) - float(online)) < 1e-3
 
