@@ -22,15 +22,16 @@ waited for; the median is the step time (tokens/s = batch_size * seq_len / media
 Nothing here asserts a wall time: the numbers are reported, with the ratio ours / torch
 measured in the same process.
 
-MFU (printed on GPU, or whenever --peak_tflops is given) counts model FLOPs only:
-  N = L * (2*D*H*hd + 2*D*KV*hd + 3*D*F) + D*V       matmul parameters (lm head included,
-                                                     the embedding lookup not)
-  A = 4 * L * H * hd * T                             attention QK^T and PV per token, full
-                                                     T x T (what `model.attend` computes)
-  FLOPs/step = tokens * ((2*N_t + A_t) + 3 * (2*N_s + A_s))
-i.e. teacher forward + student forward and backward (backward = 2x forward). Not counted:
-norms, softmax, the optimizer. The lm-head is counted at every position, although the
-trainer forms it only at the supervised ones (3/4 of this batch): MFU overstates it there.
+Compile time is timed on its own (`jit(...).lower(...).compile()`), apart from the first
+call. MFU counts model FLOPs as `jdistill.models.flops` does (MaxText's count: matmuls,
+causal attention halved, backward = 2x forward, the lm-head at the supervised positions
+the trainer forms it at), against the device's peak from its table (printed where the
+device is in it, or with --peak_tflops).
+
+--remat_memory prints the compiled temporary memory of one step at 8 x 2048 tokens for
+each remat policy (XLA's memory_analysis; compiled, not run; minutes on a CPU).
+--batch_sizes=16,8,4 tries each batch size in turn until one fits: an out-of-memory error
+(RESOURCE_EXHAUSTED) moves on to the next, any other error stops the run.
 """
 
 from __future__ import annotations
@@ -98,6 +99,12 @@ DTYPE = common.define_dtype(help="compute dtype (f32 master weights either way; 
                              "preset's)", choices=("float32", "bfloat16"))  # train.DTYPES
 STEPS = flags.DEFINE_integer("steps", None, "timed steps per implementation, after one "
                              "untimed warm-up / compile step (default: preset's)")
+REMAT = flags.DEFINE_enum("remat", "none", ["none", "dots", "full"], "remat policy of the "
+                          "student's layers (DistillConfig.remat)")
+REMAT_MEMORY = flags.DEFINE_bool("remat_memory", False, "also print each remat policy's "
+                                 "compiled temporary memory at 8 x 2048 tokens")
+BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "batch sizes to try largest first, moving "
+                                "on after an out-of-memory error (default: --batch_size)")
 CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "tokens per chunk of the fused lm-head "
                                   "loss (default: DistillConfig's)")
 TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "KL temperature (loss carries tau^2)")
@@ -106,8 +113,8 @@ INIT_STD = flags.DEFINE_float("init_std", 0.02, "std of the random weights (init
 TORCH_BASELINE = flags.DEFINE_bool("torch_baseline", None, "also time the PyTorch step "
                                    "(default: on CPU yes, on GPU no: torch here is CPU-only)")
 THREADS = flags.DEFINE_integer("threads", None, "torch threads (default: usable CPU cores)")
-PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "device peak for MFU (default 989 on GPU, "
-                                 "H100/H200 bf16 dense; no MFU on CPU unless given)")
+PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "device peak for MFU (default: the "
+                                 "device's from jdistill.models.flops; none for CPUs)")
 SEED = flags.DEFINE_integer("seed", 0, "weights and batch seed")
 OUT = flags.DEFINE_string("out", None, "write all numbers as JSON here (atomic)")
 
@@ -168,19 +175,12 @@ def model_config(d: dict, seq_len: int):
                        max_position_embeddings=max(seq_len, 2048))
 
 
-def matmul_params(d: dict) -> int:
-    """Parameters that take part in a matmul per token (lm head yes, embedding lookup no)."""
-    hd = head_dim(d)
-    layer = 2 * d["hidden"] * d["heads"] * hd + 2 * d["hidden"] * d["kv_heads"] * hd \
-        + 3 * d["hidden"] * d["ffn"]
-    return d["layers"] * layer + d["hidden"] * d["vocab"]
-
-
-def step_flops(teacher: dict, student: dict, batch_size: int, seq_len: int) -> float:
-    """Model FLOPs of one step (formula in the module docstring)."""
-    def fwd_per_token(d):
-        return 2 * matmul_params(d) + 4 * d["layers"] * d["heads"] * head_dim(d) * seq_len
-    return float(batch_size * seq_len * (fwd_per_token(teacher) + 3 * fwd_per_token(student)))
+def step_flops(t_dims: dict, s_dims: dict, batch: dict, seq_len: int, fmt: str) -> float:
+    """Model FLOPs of one step on this batch (`jdistill.models.flops`, as the trainer counts)."""
+    from jdistill.models import flops
+    rows, k = batch["supervised"].shape[1:]
+    return flops.step_flops(model_config(s_dims, seq_len), model_config(t_dims, seq_len),
+                            batch=rows, seq_len=seq_len, lm_positions=rows * k)
 
 
 def make_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> dict:
@@ -246,16 +246,34 @@ def prepare_ours(teacher, student, batch: dict, cfg):
     step_fn = jax.jit(train.make_step(s_graphdef, t_graphdef, cfg), donate_argnums=0,
                       out_shardings=(state_sh, replicated))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, frozen, t_params, batch).compile()
+    compile_s = time.perf_counter() - t0
     box = {"state": state}
 
     def one_step():
-        box["state"], metrics = step_fn(box["state"], frozen, t_params, batch)
+        box["state"], metrics = compiled(box["state"], frozen, t_params, batch)
         jax.block_until_ready((box["state"], metrics))
         return metrics
 
     metrics, first_s = warm_up(one_step)
-    return {"first_loss": float(metrics["loss"]), "first_call_s": first_s,
-            "finite": bool(float(metrics["finite"]))}, one_step
+    return {"first_loss": float(metrics["loss"]), "compile_s": compile_s,
+            "first_call_s": first_s, "finite": bool(float(metrics["finite"]))}, one_step
+
+
+def step_temp_memory(teacher, student, batch: dict, cfg) -> dict:
+    """XLA's memory_analysis of the compiled step (not run): temporaries and arguments."""
+    from flax import nnx
+
+    from jdistill import sharding as sharding_lib
+    from jdistill.distill import train
+
+    mesh = sharding_lib.make_mesh(devices=jax.devices()[:1])
+    state, frozen, t_params, _ = train._place(student, train.pure_params(teacher), mesh, cfg)
+    step = jax.jit(train.make_step(nnx.split(student)[0], nnx.split(teacher)[0], cfg))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    mem = step.lower(state, frozen, t_params, batch).compile().memory_analysis()
+    return {"temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes}
 
 
 # ------------------------------------------------------------------ torch
@@ -382,10 +400,14 @@ def table(result: dict) -> str:
         lines.append(f"ratio ours/torch (time) {result['ratio_ours_over_torch']:.3f}  "
                      f"(goal <= 0.8; speed-up {1 / result['ratio_ours_over_torch']:.2f}x)")
         lines.append(f"first-step loss |ours - torch| {result['loss_abs_diff']:.2e}")
+    line = (f"model TFLOP/step {result['flops_per_step'] / 1e12:.3g}  achieved "
+            f"{result['achieved_tflops']:.3g} TFLOP/s; compile {result['ours']['compile_s']:.1f} s")
     if "mfu" in result:
-        lines.append(f"model TFLOP/step {result['flops_per_step'] / 1e12:.3g}  achieved "
-                     f"{result['achieved_tflops']:.1f} TFLOP/s  MFU {100 * result['mfu']:.1f}% "
-                     f"of {result['peak_tflops']:g}")
+        line += f"  MFU {100 * result['mfu']:.1f}% of {result['peak_tflops']:g}"
+    lines.append(line)
+    for policy, mem in result.get("remat_memory", {}).items():
+        lines.append(f"remat={policy}: compiled temporaries {mem['temp_bytes'] / 2**30:.2f} GiB "
+                     f"at {mem['batch_size']} x {mem['seq_len']} tokens")
     return "\n".join(lines)
 
 
@@ -397,10 +419,54 @@ def write_json_atomic(path: str, obj: dict):
     os.replace(tmp, path)
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """XLA's allocation failure (any backend), as opposed to any other error."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def first_fitting(batch_sizes: list[int], run, log=print):
+    """(batch size, run(batch size)) of the first size that does not run out of memory;
+    an out-of-memory error moves on to the next (smaller) size, anything else is raised."""
+    for i, size in enumerate(batch_sizes):
+        try:
+            return size, run(size)
+        except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error types
+            if not is_out_of_memory(e):
+                raise
+            if i + 1 == len(batch_sizes):
+                raise ValueError(f"out of memory at every batch size {batch_sizes}: give "
+                                 "smaller --batch_sizes, a shorter --seq_len or --remat=full") from e
+            log(f"!! out of memory at batch {size}: retrying at batch {batch_sizes[i + 1]}")
+            jax.clear_caches()  # drop the failed executable and its buffers
+    raise AssertionError("unreachable")
+
+
+def remat_memory(t_dims, s_dims, cfg, *, batch_size=8, seq_len=2048) -> dict:
+    """Compiled temporaries of one step at batch_size x seq_len per remat policy."""
+    import dataclasses
+
+    import jdistill
+
+    # real weights (random): _place builds the state from them; only the step is compiled
+    teacher = jdistill.init_model(model_config(t_dims, seq_len),
+                                  dtype=jnp.dtype(cfg.compute_dtype))
+    student = jdistill.init_model(model_config(s_dims, seq_len), dtype=jnp.float32, seed=1)
+    batch = make_batch(t_dims["vocab"], batch_size, seq_len, 0)
+    out = {}
+    for policy in ("none", "dots", "full"):
+        mem = step_temp_memory(teacher, student, batch, dataclasses.replace(cfg, remat=policy))
+        out[policy] = {**mem, "batch_size": batch_size, "seq_len": seq_len}
+        print(f"remat={policy}: compiled temporaries {mem['temp_bytes'] / 2**30:.2f} GiB at "
+              f"{batch_size} x {seq_len}", flush=True)
+    return out
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     from jdistill.distill import train
+    from jdistill.models import flops as flops_lib
 
     if importlib.util.find_spec("torch") is None:  # the baseline: a test-extra package
         raise ValueError("the benchmark's baseline is PyTorch: pip install torch==2.13.0 "
@@ -409,7 +475,12 @@ def main(argv):
     t_dims = parse_dims(TEACHER_DIMS.value, preset["teacher"])
     s_dims = parse_dims(STUDENT_DIMS.value, preset["student"])
     check_dims(t_dims, s_dims)
-    batch_size = BATCH_SIZE.value or preset["batch_size"]
+    try:
+        sizes = [int(b) for b in BATCH_SIZES.value] if BATCH_SIZES.value else \
+            [BATCH_SIZE.value or preset["batch_size"]]
+    except ValueError:
+        raise app.UsageError(f"--batch_sizes={','.join(BATCH_SIZES.value)}: give integers, "
+                             "e.g. 16,8,4")
     seq_len = SEQ_LEN.value or preset["seq_len"]
     dtype = DTYPE.value or preset["dtype"]
     steps = STEPS.value or preset["steps"]
@@ -419,32 +490,39 @@ def main(argv):
     cfg_kw = {} if CHUNK_SIZE.value is None else {"chunk_size": CHUNK_SIZE.value}
     cfg = train.DistillConfig(steps=steps + 1, format=FORMAT.value, temperature=TEMPERATURE.value,
                               learning_rate=LEARNING_RATE.value, compute_dtype=dtype,
-                              seed=SEED.value, **cfg_kw)
-    tokens = batch_size * seq_len
-
-    teacher, student, hf_t, hf_s = build_models(t_dims, s_dims, seq_len=seq_len, dtype=dtype,
-                                                init_std=INIT_STD.value, seed=SEED.value,
-                                                with_torch=with_torch)
-    batch = make_batch(t_dims["vocab"], batch_size, seq_len, SEED.value)
+                              seed=SEED.value, remat=REMAT.value, **cfg_kw)
+    from jdistill.models import decoder
+    attention = decoder.attention_implementation(jnp.dtype(dtype), head_dim(s_dims))
     result = {
         "settings": {"preset": PRESET.value, "teacher_dims": t_dims, "student_dims": s_dims,
-                     "batch_size": batch_size, "seq_len": seq_len, "tokens_per_step": tokens,
-                     "format": FORMAT.value, "dtype": dtype, "steps": steps,
-                     "chunk_size": cfg.chunk_size, "temperature": TEMPERATURE.value,
+                     "seq_len": seq_len, "format": FORMAT.value, "dtype": dtype,
+                     "steps": steps, "chunk_size": cfg.chunk_size, "remat": cfg.remat,
+                     "attention": attention, "temperature": TEMPERATURE.value,
                      "learning_rate": LEARNING_RATE.value, "init_std": INIT_STD.value,
-                     "torch_baseline": with_torch},
+                     "torch_baseline": with_torch, "batch_sizes_tried": sizes},
         "teacher_params": model_config(t_dims, seq_len).num_params(),
         "student_params": model_config(s_dims, seq_len).num_params(),
         "machine": machine_info(),
     }
     print(f"teacher {result['teacher_params']:,} params {t_dims}\nstudent "
-          f"{result['student_params']:,} params {s_dims}\nbatch {batch_size} x {seq_len}, "
-          f"format {FORMAT.value}, {dtype}, {steps} timed steps; jax "
-          f"{result['machine']['jax_backend']} ({result['machine']['device_kind']})", flush=True)
+          f"{result['student_params']:,} params {s_dims}\nseq {seq_len}, format "
+          f"{FORMAT.value}, {dtype}, remat {cfg.remat}, attention {attention}, {steps} timed "
+          f"steps; jax {result['machine']['jax_backend']} ({result['machine']['device_kind']})",
+          flush=True)
+    *ours, hf_t, hf_s = build_models(t_dims, s_dims, seq_len=seq_len, dtype=dtype,
+                                     init_std=INIT_STD.value, seed=SEED.value,
+                                     with_torch=with_torch)
 
-    info, fns = {}, {}
-    info["ours"], fns["ours"] = prepare_ours(teacher, student, batch, cfg)
-    del teacher, student  # the step holds its own copies; free the originals
+    def prepare(batch_size):
+        print(f"batch {batch_size} x {seq_len}", flush=True)
+        batch = make_batch(t_dims["vocab"], batch_size, seq_len, SEED.value)
+        return batch, prepare_ours(*ours, batch, cfg)
+
+    batch_size, (batch, (ours_info, ours_fn)) = first_fitting(sizes, prepare)
+    ours.clear()  # the step holds its own copies; free the originals
+    tokens = batch_size * seq_len
+    result["settings"].update(batch_size=batch_size, tokens_per_step=tokens)
+    info, fns = {"ours": ours_info}, {"ours": ours_fn}
     if with_torch:
         weights, _ = cfg.blend
         info["torch"], fns["torch"] = prepare_torch(
@@ -457,12 +535,14 @@ def main(argv):
         result["ratio_ours_over_torch"] = result["ours"]["step_s"] / result["torch"]["step_s"]
         result["loss_abs_diff"] = abs(result["ours"]["first_loss"] - result["torch"]["first_loss"])
 
-    flops = step_flops(t_dims, s_dims, batch_size, seq_len)
+    flops = step_flops(t_dims, s_dims, batch, seq_len, FORMAT.value)
     result["flops_per_step"] = flops
-    peak = PEAK_TFLOPS.value or (989.0 if on_gpu else None)
+    result["achieved_tflops"] = flops / result["ours"]["step_s"] / 1e12
+    peak = PEAK_TFLOPS.value or flops_lib.peak_tflops(result["machine"]["device_kind"], dtype)
     if peak:
-        achieved = flops / result["ours"]["step_s"] / 1e12
-        result.update(peak_tflops=peak, achieved_tflops=achieved, mfu=achieved / peak)
+        result.update(peak_tflops=peak, mfu=result["achieved_tflops"] / peak)
+    if REMAT_MEMORY.value:
+        result["remat_memory"] = remat_memory(t_dims, s_dims, cfg)
     print(table(result), flush=True)
     if OUT.value:
         write_json_atomic(OUT.value, result)

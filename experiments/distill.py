@@ -184,7 +184,7 @@ def results_row(cfg, result, student_params: int, teacher_params, n_records: int
                    "seq_len": SEQ_LEN.value, "compute_dtype": cfg.compute_dtype},
         seed=cfg.seed, resumed_from=result.resumed_from, wall_time_s=result.seconds,
         tokens_per_s=result.steps_run * BATCH_SIZE.value * ACCUM.value * SEQ_LEN.value
-        / max(result.seconds, 1e-9))
+        / max(result.seconds, 1e-9), throughput=result.throughput)
 
 if __name__ == "__main__":
     cli.run(main)

@@ -117,17 +117,36 @@ def attention_args(q_slots, k_slots, k_valid, sliding_window=None, *, aligned: b
             "local_window_size": None if sliding_window is None else (sliding_window - 1, 0)}
 
 
-def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None, *, aligned=False):
+CAUSAL_BLOCK = 128  # queries per block of XLA's causal attention (measured best at T 512)
+
+
+def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None, *, aligned=False,
+           block=CAUSAL_BLOCK):
     """Causal GQA attention through `jax.nn.dot_product_attention`. q [B,T,H,hd], k/v
     [B,S,KV,hd], q_slots [T], k_slots [S], k_valid [B,S] (or [B,T,S] when queries differ in
     which keys they may see: packing). Scores and softmax in f32; masked with a large
     finite negative, so rows with no valid key (padding queries) give a harmless uniform
-    average instead of NaN. `aligned`: q_slots == k_slots (self-attention, no cache)."""
+    average instead of NaN. `aligned`: q_slots == k_slots (self-attention, no cache).
+
+    XLA materialises the scores, so aligned attention runs in blocks of `block` queries,
+    each against the keys up to its last query only: the masked upper triangle is never
+    computed (at T 512, blocks of 128: forward 2.0x, forward + backward 1.8x faster on
+    this CPU). Exact, but in rows with no valid key (their uniform average is over fewer
+    keys; nothing reads those rows)."""
     impl = attention_implementation(q.dtype, q.shape[-1])
-    args = attention_args(q_slots, k_slots, k_valid, sliding_window, aligned=aligned,
-                          fused=impl != "xla")
-    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), **args,
-                                        implementation=impl)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if impl != "xla" or not aligned or q.shape[1] <= block:
+        args = attention_args(q_slots, k_slots, k_valid, sliding_window, aligned=aligned,
+                              fused=impl != "xla")
+        return jax.nn.dot_product_attention(q, k, v, **args, implementation=impl)
+    allowed = allowed_keys(q_slots, k_slots, k_valid, sliding_window)[:, None]
+    outs = []
+    for start in range(0, q.shape[1], block):
+        stop = min(start + block, q.shape[1])
+        outs.append(jax.nn.dot_product_attention(
+            q[:, start:stop], k[:, :stop], v[:, :stop], mask=allowed[..., start:stop, :stop],
+            implementation="xla"))
+    return jnp.concatenate(outs, axis=1)
 
 
 # What the backward pass of a scanned layer keeps from its forward (`jax.checkpoint`):

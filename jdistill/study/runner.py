@@ -281,14 +281,14 @@ class Runner:
                            with_reasoning=formats.get(cell.format).with_trace, writer=writer)
 
     def student_for(self, cell: sweep.Cell, records, workdir: Path, writer=None):
-        """(trained student, train seconds, tokens seen, final train metrics) for a cell: one-shot prunes once and
-        distils `steps`; iterative prunes in `prune_steps` steps, re-scoring the current
+        """(trained student, train seconds, tokens seen, final train metrics, throughput)
+        for a cell: one-shot prunes once and distils `steps`; iterative prunes in `prune_steps` steps, re-scoring the current
         student and distilling steps/k after each (Minitron-style recovery in between)."""
         if cell.schedule == "one_shot":
             student = self._load_fresh(self.one_shot(cell.ratio))
             r = self.distill(cell, student, records, workdir / "distill", self.s.steps,
                              writer)
-            return r.student, r.seconds, r.tokens_seen, r.final_metrics
+            return r.student, r.seconds, r.tokens_seen, r.final_metrics, r.throughput
         ratios = pruning.compression_schedule(cell.ratio, cell.prune_steps, "geometric")
         per_step = max(1, self.s.steps // len(ratios))
         model = self.teacher()
@@ -307,7 +307,7 @@ class Runner:
             r = self.distill(cell, model, records, workdir / f"distill{k}", steps,
                              writer and writer.shifted(per_step * (k - 1)))
             model, seconds, tokens = r.student, seconds + r.seconds, tokens + r.tokens_seen
-        return model, seconds, tokens, r.final_metrics
+        return model, seconds, tokens, r.final_metrics, r.throughput  # the last recovery's
 
     def _load_fresh(self, path):
         return jdistill.load_pretrained(path, mesh=self.mesh)
@@ -379,8 +379,8 @@ class Runner:
         start = time.perf_counter()
         examples = self.train_examples(cell.examples)
         records, trace_stats = self.records(cell.format, examples)
-        student, train_s, tokens, train_metrics = self.student_for(cell, records,
-                                                                   Path(work_dir), writer)
+        student, train_s, tokens, train_metrics, throughput = self.student_for(
+            cell, records, Path(work_dir), writer)
         teacher_params = self.teacher().config.num_params()
         n = student.config.num_params()
         metrics = self.evaluate(student, cell.id)
@@ -391,6 +391,7 @@ class Runner:
             data={"task": self.task.name, "examples": cell.examples, "records": len(records),
                   "traces": trace_stats, "tokens_seen": tokens},
             settings=self.s.as_dict(), train_seconds=train_s, train_metrics=train_metrics,
+            throughput=throughput,
             wall_time_s=time.perf_counter() - start)
 
 

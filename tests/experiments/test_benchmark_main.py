@@ -45,6 +45,8 @@ def test_tiny_preset_matches_torch(tmp_path, fmt):
     assert result["ratio_ours_over_torch"] > 0
     assert result["settings"]["tokens_per_step"] == 2 * 32
     assert result["flops_per_step"] > 0 and 0 < result["mfu"]
+    assert 0 < result["ours"]["compile_s"] < result["ours"]["first_call_s"] + 60
+    assert result["settings"]["attention"] == "xla" and result["settings"]["remat"] == "none"
     assert result["machine"]["jax_backend"] == "cpu" and result["machine"]["cpu_count"] >= 1
     assert "ratio ours/torch" in stdout and "MFU" in stdout
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temp file
@@ -56,3 +58,38 @@ def test_bad_dims_are_a_usage_error(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert "one vocabulary" in proc.stderr
+
+
+def test_batch_sweep_moves_on_only_after_out_of_memory():
+    from experiments import benchmark
+
+    tried = []
+
+    def run(size):
+        tried.append(size)
+        if size > 4:
+            raise RuntimeError(f"RESOURCE_EXHAUSTED: Out of memory allocating {size} GiB")
+        return f"ran {size}"
+
+    assert benchmark.first_fitting([16, 8, 4, 2], run, log=lambda _: None) == (4, "ran 4")
+    assert tried == [16, 8, 4]
+    with pytest.raises(ValueError, match="out of memory at every batch size"):
+        benchmark.first_fitting([16, 8], run, log=lambda _: None)
+    with pytest.raises(KeyError):  # anything else is not retried
+        benchmark.first_fitting([16, 8], lambda size: {}["x"], log=lambda _: None)
+
+
+def test_gpu_script_runs_its_cpu_path(tmp_path):
+    """benchmarks/gpu.sh on a machine without an NVIDIA GPU: says so, runs the CPU
+    configuration end to end (batch sweep included), writes the JSON."""
+    env = {**os.environ, "OUT": str(tmp_path), "BENCH_CPU_PRESET": "tiny",
+           "BENCH_CPU_BATCHES": "4,2", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--steps=1"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no usable NVIDIA GPU" in proc.stderr
+    result = json.loads((tmp_path / "benchmark_gpu.json").read_text())
+    assert result["machine"]["jax_backend"] == "cpu"
+    assert result["settings"]["batch_sizes_tried"] == [4, 2]
+    assert result["settings"]["batch_size"] == 4 and result["ours"]["step_s"] > 0

@@ -65,6 +65,24 @@ def test_equals_the_einsum_attention(case, dtype):
 
 
 @pytest.mark.parametrize("case", list(_cases()))
+def test_causal_blocks_equal_the_einsum_attention(case):
+    """XLA's blocked causal attention (here blocks of 5 queries: 3 blocks, the last short)
+    equals the whole attention in every row that has a valid key."""
+    q, k, v = _qkv(jnp.float32, seed=2)
+    q_slots, k_slots, k_valid, window = _cases()[case]
+    want = einsum_attention(q, k, v, q_slots, k_slots, k_valid, window)
+    got = decoder.attend(q, k, v, q_slots, k_slots, k_valid, window, aligned=True, block=5)
+    some = np.asarray(decoder.allowed_keys(q_slots, k_slots, k_valid, window).any(-1))
+    np.testing.assert_allclose(np.asarray(got)[some], np.asarray(want)[some], atol=1e-5,
+                               rtol=1e-5)
+    grad = jax.grad(lambda q, k, v, **kw: jnp.sum(jnp.where(
+        some[..., None, None], decoder.attend(q, k, v, q_slots, k_slots, k_valid, window,
+                                              aligned=True, **kw), 0) ** 2), argnums=(0, 1, 2))
+    for a, b in zip(grad(q, k, v, block=5), grad(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(_cases()))
 def test_fused_kernel_arguments_describe_the_same_mask(case):
     """What the cuDNN path passes (causal / window as flags, the rest as a mask), run by
     XLA here: equal to the full mask. Rows with no valid key are compared only where some
