@@ -53,6 +53,7 @@ from absl import app, flags
 
 from experiments import cli
 from experiments import flags as common
+from jdistill.models.decoder import REMAT_POLICIES
 
 DIM_KEYS = ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "head_dim", "tie")
 
@@ -99,7 +100,7 @@ DTYPE = common.define_dtype(help="compute dtype (f32 master weights either way; 
                              "preset's)", choices=("float32", "bfloat16"))  # train.DTYPES
 STEPS = flags.DEFINE_integer("steps", None, "timed steps per implementation, after one "
                              "untimed warm-up / compile step (default: preset's)")
-REMAT = flags.DEFINE_enum("remat", "none", ["none", "dots", "full"], "remat policy of the "
+REMAT = flags.DEFINE_enum("remat", "none", list(REMAT_POLICIES), "remat policy of the "
                           "student's layers (DistillConfig.remat)")
 REMAT_MEMORY = flags.DEFINE_bool("remat_memory", False, "also print each remat policy's "
                                  "compiled temporary memory at 8 x 2048 tokens")
@@ -173,14 +174,6 @@ def model_config(d: dict, seq_len: int):
                        num_kv_heads=d["kv_heads"], head_dim=head_dim(d),
                        tie_word_embeddings=bool(d.get("tie", 0)),
                        max_position_embeddings=max(seq_len, 2048))
-
-
-def step_flops(t_dims: dict, s_dims: dict, batch: dict, seq_len: int, fmt: str) -> float:
-    """Model FLOPs of one step on this batch (`jdistill.models.flops`, as the trainer counts)."""
-    from jdistill.models import flops
-    rows, k = batch["supervised"].shape[1:]
-    return flops.step_flops(model_config(s_dims, seq_len), model_config(t_dims, seq_len),
-                            batch=rows, seq_len=seq_len, lm_positions=rows * k)
 
 
 def make_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> dict:
@@ -422,7 +415,7 @@ def write_json_atomic(path: str, obj: dict):
 def is_out_of_memory(error: BaseException) -> bool:
     """XLA's allocation failure (any backend), as opposed to any other error."""
     text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 def first_fitting(batch_sizes: list[int], run, log=print):
@@ -454,7 +447,7 @@ def remat_memory(t_dims, s_dims, cfg, *, batch_size=8, seq_len=2048) -> dict:
     student = jdistill.init_model(model_config(s_dims, seq_len), dtype=jnp.float32, seed=1)
     batch = make_batch(t_dims["vocab"], batch_size, seq_len, 0)
     out = {}
-    for policy in ("none", "dots", "full"):
+    for policy in REMAT_POLICIES:
         mem = step_temp_memory(teacher, student, batch, dataclasses.replace(cfg, remat=policy))
         out[policy] = {**mem, "batch_size": batch_size, "seq_len": seq_len}
         print(f"remat={policy}: compiled temporaries {mem['temp_bytes'] / 2**30:.2f} GiB at "
@@ -535,7 +528,9 @@ def main(argv):
         result["ratio_ours_over_torch"] = result["ours"]["step_s"] / result["torch"]["step_s"]
         result["loss_abs_diff"] = abs(result["ours"]["first_loss"] - result["torch"]["first_loss"])
 
-    flops = step_flops(t_dims, s_dims, batch, seq_len, FORMAT.value)
+    # as the trainer counts them (`train.batch_flops`)
+    flops = train.batch_flops(batch, model_config(s_dims, seq_len),
+                              model_config(t_dims, seq_len), cfg)
     result["flops_per_step"] = flops
     result["achieved_tflops"] = flops / result["ours"]["step_s"] / 1e12
     peak = PEAK_TFLOPS.value or flops_lib.peak_tflops(result["machine"]["device_kind"], dtype)

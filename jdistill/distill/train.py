@@ -33,6 +33,7 @@ from jdistill import sharding as sharding_lib
 from jdistill.distill import formats, fused, losses
 from jdistill.models import flops as flops_lib
 from jdistill.models import lora as lora_lib
+from jdistill.models.config import ModelConfig
 from jdistill.models.decoder import REMAT_POLICIES, Decoder, stack_trees
 from jdistill.utils import files as results
 from jdistill.utils import tracking
@@ -389,7 +390,8 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
     for step in range(start, cfg.steps):
         batch = load_batch(step)
         if meter.flops_per_step is None:
-            meter.flops_per_step = batch_flops(batch, student, teacher, cfg)
+            meter.flops_per_step = batch_flops(batch, student.config,
+                                               teacher and teacher.config, cfg)
         state, metrics = step_fn(state, frozen, t_params, batch)
         done = step + 1
         if pending is not None:  # read step N while step N + 1 runs (no per-step host sync)
@@ -415,7 +417,7 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
                      throughput=meter.speed())
 
 
-def batch_flops(batch: dict, student: Decoder, teacher: Decoder | None,
+def batch_flops(batch: dict, student: ModelConfig, teacher: ModelConfig | None,
                 cfg: DistillConfig) -> float:
     """Model FLOPs of one step on this batch's shapes (`models.flops`): the lm-head at the
     supervised positions the batch names, the teacher's forward when the step runs it."""
@@ -423,8 +425,8 @@ def batch_flops(batch: dict, student: Decoder, teacher: Decoder | None,
     lm = None if "supervised" not in batch else rows * batch["supervised"].shape[-1]
     online_teacher = cfg.needs_teacher and "topk_ids" not in batch
     return accum * flops_lib.step_flops(
-        student.config, teacher.config if online_teacher else None, batch=rows,
-        seq_len=seq_len, lm_positions=lm, lora=bool(cfg.lora_rank))
+        student, teacher if online_teacher else None, batch=rows, seq_len=seq_len,
+        lm_positions=lm, lora=bool(cfg.lora_rank))
 
 
 class _Meter:

@@ -282,8 +282,9 @@ class Runner:
 
     def student_for(self, cell: sweep.Cell, records, workdir: Path, writer=None):
         """(trained student, train seconds, tokens seen, final train metrics, throughput)
-        for a cell: one-shot prunes once and distils `steps`; iterative prunes in `prune_steps` steps, re-scoring the current
-        student and distilling steps/k after each (Minitron-style recovery in between)."""
+        for a cell: one-shot prunes once and distils `steps`; iterative prunes in
+        `prune_steps` steps, re-scoring the current student and distilling steps/k after
+        each (Minitron-style recovery in between)."""
         if cell.schedule == "one_shot":
             student = self._load_fresh(self.one_shot(cell.ratio))
             r = self.distill(cell, student, records, workdir / "distill", self.s.steps,
