@@ -39,8 +39,9 @@ def define_flags():
     flags.DEFINE_integer("n_boot", 200, "Bootstrap resamples per fit (intervals).")
     flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
     flags.DEFINE_string("method", "full", "Method whose cells the laws are fitted on.")
-    flags.DEFINE_string("schedule", "one_shot",
-                        "Pruning schedule whose cells the laws are fitted on.")
+    flags.DEFINE_string("schedule", None,
+                        "Pruning schedule whose cells the laws are fitted on (default: the "
+                        "one measured at the most ratios).")
     flags.DEFINE_string("out", None, "Write the plan as JSON here (optional).")
 
 

@@ -27,7 +27,8 @@ def define_flags():
     flags.DEFINE_integer("n_boot", 200, "Bootstrap resamples per fit (0 = no intervals).")
     flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
     flags.DEFINE_string("method", "full", "Baseline method of the per-format law fits.")
-    flags.DEFINE_string("schedule", "one_shot", "Baseline pruning schedule of the law fits.")
+    flags.DEFINE_string("schedule", None, "Baseline pruning schedule of the law fits "
+                        "(default: the one measured at the most ratios).")
 
 
 def main(argv):

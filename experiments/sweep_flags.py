@@ -24,15 +24,15 @@ PRESET = flags.DEFINE_enum("preset", None, sorted(sweep.PRESETS),
                            "stage once, an install check; paper: the full grid, meant for "
                            "accelerators)")
 CONFIG = flags.DEFINE_string("config", None, "JSON file with grid keys (ratios, formats, "
-                             "methods, schedules, examples, seeds, iterative_steps, design, "
+                             "methods, schedules, examples, seeds, design, "
                              "contrast_ratios)")
-RATIOS = flags.DEFINE_list("ratios", None, "compression ratios (teacher / student params)")
+RATIOS = flags.DEFINE_list("ratios", None, "compression ratios (teacher / student params); "
+                           "in rising order they are the iterative schedule's chain")
 FORMATS = flags.DEFINE_list("formats", None, f"supervision formats, of {formats.NAMES}")
 METHODS = flags.DEFINE_list("methods", None, f"distillation methods, of {sweep.METHODS}")
 SCHEDULES = flags.DEFINE_list("schedules", None, f"pruning schedules, of {sweep.SCHEDULES}")
 EXAMPLES = flags.DEFINE_list("examples", None, "training set sizes (stratified, nested)")
 SEEDS = flags.DEFINE_list("seeds", None, "seeds")
-ITERATIVE_STEPS = flags.DEFINE_integer("iterative_steps", None, "steps of iterative pruning")
 DESIGN = flags.DEFINE_enum("design", None, list(sweep.DESIGNS),
                            "factorial: every combination; star: ratios x formats at the "
                            "baseline, other methods/schedules/sizes at --contrast_ratios")
@@ -93,7 +93,7 @@ def grid() -> sweep.Grid:
             PRESET.value, CONFIG.value, ratios=nums(RATIOS.value, float), formats=FORMATS.value,
             methods=METHODS.value, schedules=SCHEDULES.value,
             examples=nums(EXAMPLES.value, int), seeds=nums(SEEDS.value, int),
-            iterative_steps=ITERATIVE_STEPS.value, design=DESIGN.value,
+            design=DESIGN.value,
             contrast_ratios=nums(CONTRAST.value, float))
     except ValueError as e:
         raise app.UsageError(str(e))

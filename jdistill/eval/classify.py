@@ -8,7 +8,8 @@ import numpy as np
 
 from jdistill.data import tasks as tasks_lib
 from jdistill.data.tasks import parse_label
-from jdistill.eval.metrics import classification_metrics, confusion_matrix
+from jdistill.eval.metrics import (classification_metrics, confusion_matrix,
+                                   probabilistic_metrics)
 from jdistill.eval.scoring import CTX_BUCKET, bucket, choice_logliks, encode, encode_pair
 from jdistill.utils.progress import Progress
 
@@ -28,13 +29,14 @@ def label_logliks(model, tokenizer, task, texts, *, batch_size: int = 8, mesh=No
 
 def evaluate_classification(model, tokenizer, task, examples, *, batch_size: int = 8,
                             mesh=None, max_length=None, progress: str | None = None) -> dict:
-    """Log-likelihood classification: accuracy, macro-F1, confusion matrix, predictions."""
+    """Log-likelihood classification: accuracy, macro-F1, gold-label NLL and Brier score over
+    the label distribution (each with its stderr), confusion matrix, predictions."""
     texts = [t for t, _ in examples]
     y_true = np.array([y for _, y in examples])
     ll = label_logliks(model, tokenizer, task, texts, batch_size=batch_size, mesh=mesh,
                        max_length=max_length, progress=progress)
     y_pred = ll.argmax(axis=1)
-    return {**classification_metrics(y_true, y_pred),
+    return {**classification_metrics(y_true, y_pred), **probabilistic_metrics(y_true, ll),
             "confusion": confusion_matrix(y_true, y_pred, task.num_classes),
             "predictions": y_pred, "labels": y_true}
 
@@ -70,3 +72,73 @@ def generate_and_parse(model, tokenizer, task, texts, *, max_new_tokens: int = 6
             out.append((text, parse_label(text, task.label_names)))
         bar.update(len(chunk))
     return out
+
+
+def _stop_ids(tokenizer, config, separator: str) -> list[int]:
+    """EOS ids, plus the separator when it is one token: a trace ends at its first line."""
+    eos = config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    sep = encode(tokenizer, separator)
+    return ids + sep if len(sep) == 1 else ids
+
+
+def generate_traces(model, tokenizer, task, texts, *, max_new_tokens: int, batch_size: int = 8,
+                    separator: str = "\n", progress: str | None = None) -> list[list[int]]:
+    """Per text: the student's own greedy trace after its prompt, as token ids (batched, KV
+    cache), up to and including the separator that ends a trace in training (no separator
+    within `max_new_tokens`: the tokens generated, then the separator's tokens). The prompt
+    is encoded as `data.encode_example` encodes it (BOS, then the prompt's own tokens)."""
+    from jdistill.models.generate import generate
+
+    cfg = model.config
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    stops = _stop_ids(tokenizer, cfg, separator)
+    sep_ids = encode(tokenizer, separator)
+    bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
+    out = []
+    bar = Progress(len(texts), progress or "", enabled=progress is not None)
+    for start in range(0, len(texts), batch_size):
+        chunk = [bos + encode(tokenizer, tasks_lib.prompt(task, t))
+                 for t in texts[start:start + batch_size]]
+        s = bucket(max(len(c) for c in chunk), CTX_BUCKET)
+        tokens = np.full((batch_size, s), pad, np.int32)
+        mask = np.zeros((batch_size, s), bool)
+        mask[:, -1] = True
+        for r, c in enumerate(chunk):
+            tokens[r, s - len(c):], mask[r, s - len(c):] = c, True
+        new = np.asarray(generate(model, tokens, mask, max_new_tokens=max_new_tokens,
+                                  eos_token_id=stops, pad_token_id=pad))
+        for r in range(len(chunk)):
+            ids = new[r].tolist()
+            cut = next((i for i, x in enumerate(ids) if x in stops), None)
+            if cut is not None and ids[cut] in sep_ids:
+                out.append(ids[:cut + 1])
+            else:  # an EOS or the budget ended the trace: the answer still starts a line
+                out.append(ids[:cut if cut is not None else len(ids)] + sep_ids)
+        bar.update(len(chunk))
+    return out
+
+
+def evaluate_after_trace(model, tokenizer, task, examples, *, max_new_tokens: int,
+                         batch_size: int = 8, mesh=None, separator: str = "\n",
+                         progress: str | None = None) -> dict:
+    """CoT scoring, the way a trace format trains: the student generates its trace (greedy),
+    then every label's answer is scored after prompt + that trace. The metrics of
+    `evaluate_classification`, plus the mean trace length in tokens."""
+    texts = [t for t, _ in examples]
+    y_true = np.array([y for _, y in examples])
+    traces = generate_traces(model, tokenizer, task, texts, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, separator=separator,
+                             progress=progress and f"{progress} traces")
+    cfg = model.config
+    bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
+    answers = [encode(tokenizer, tasks_lib.answer(task, k)) for k in range(task.num_classes)]
+    requests = [(bos + encode(tokenizer, tasks_lib.prompt(task, t)) + tr, answers)
+                for t, tr in zip(texts, traces)]
+    ll = np.stack(choice_logliks(model, requests, batch_size=batch_size, mesh=mesh,
+                                 progress=progress))
+    y_pred = ll.argmax(axis=1)
+    return {**classification_metrics(y_true, y_pred), **probabilistic_metrics(y_true, ll),
+            "confusion": confusion_matrix(y_true, y_pred, task.num_classes),
+            "predictions": y_pred, "labels": y_true,
+            "trace_tokens": float(np.mean([len(t) for t in traces]))}

@@ -57,12 +57,44 @@ def macro_f1(y_true, y_pred) -> float:
     return float(np.mean(f1)) if f1 else float("nan")
 
 
+def macro_f1_stderr(y_true, y_pred, n_boot: int = 200, seed: int = 0) -> float:
+    """Bootstrap stderr of macro-F1 (items resampled; seeded, so rows are reproducible):
+    macro-F1 is not a mean of per-item scores, so it has no closed-form stderr."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(y_true) < 2:
+        return float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(y_true), (n_boot, len(y_true)))
+    return float(np.std([macro_f1(y_true[i], y_pred[i]) for i in idx], ddof=1))
+
+
+def label_probabilities(logliks) -> np.ndarray:
+    """[N, K] the model's distribution over the K labels: softmax of each label's answer
+    log-likelihood (the paper's probabilistic scores read this distribution)."""
+    ll = np.asarray(logliks, np.float64)
+    z = ll - ll.max(axis=1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+
+
+def probabilistic_metrics(y_true, logliks) -> dict:
+    """Gold-label NLL (-log p(gold), nats) and the multi-class Brier score
+    (sum_k (p_k - [k = gold])^2, in [0, 2]), each a mean over items with its stderr."""
+    y_true = np.asarray(y_true)
+    p = label_probabilities(logliks)
+    gold = p[np.arange(len(y_true)), y_true]
+    nll = -np.log(np.maximum(gold, 1e-300))
+    onehot = np.eye(p.shape[1])[y_true]
+    brier = np.sum((p - onehot) ** 2, axis=1)
+    return {"nll": float(nll.mean()), "nll_stderr": mean_stderr(nll),
+            "brier": float(brier.mean()), "brier_stderr": mean_stderr(brier)}
+
+
 def classification_metrics(y_true, y_pred) -> dict:
     """accuracy (+ stderr), macro-F1, n, and how many predictions were unparsed (-1)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     return {"accuracy": float(np.mean(y_true == y_pred)),
             "accuracy_stderr": mean_stderr((y_true == y_pred).astype(float)),
-            "macro_f1": macro_f1(y_true, y_pred), "n": int(len(y_true)),
+            "macro_f1": macro_f1(y_true, y_pred),
+            "macro_f1_stderr": macro_f1_stderr(y_true, y_pred), "n": int(len(y_true)),
             "unparsed": int(np.sum(y_pred < 0))}
 
 

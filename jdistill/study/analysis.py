@@ -40,13 +40,22 @@ class Analysis:
         return [*self.study.teachers, *self.study.baseline(fmt, self.method, self.schedule)]
 
 
-def analyze(study: Study, *, method: str = "full", schedule: str = "one_shot",
+def baseline_schedule(study: Study, method: str) -> str:
+    """The schedule the law fits read by default: the one with cells at the most ratios
+    (a chain gives a whole curve); iterative, the paper's protocol, on a tie."""
+    counts = {s: len({c.ratio for c in study.cells if c.method == method and c.schedule == s})
+              for s in ("iterative", "one_shot")}
+    return max(counts, key=lambda s: (counts[s], s == "iterative"))
+
+
+def analyze(study: Study, *, method: str = "full", schedule: str | None = None,
             n_boot: int = 200, seed: int = 0, level: float = 0.95) -> Analysis:
     """Fits (with bootstrap), held-out extrapolation and findings for a study.
 
     Args:
       study: from ``select`` / ``load_study``.
-      method, schedule: the baseline the per-format law fits use.
+      method, schedule: the baseline the per-format law fits use (schedule None:
+        `baseline_schedule`).
       n_boot: bootstrap resamples per fit (0: no intervals; findings then use the
         interval-free tests only).
       seed: bootstrap seed (each fit gets seed + its index).
@@ -55,6 +64,7 @@ def analyze(study: Study, *, method: str = "full", schedule: str = "one_shot",
     if n_boot == 1 or n_boot < 0:
         raise ValueError(f"n_boot must be 0 or >= 2, got {n_boot}")
     notes = list(study.notes)
+    schedule = schedule or baseline_schedule(study, method)
     fits, extrap = {}, {}
     if not any(c.method == method and c.schedule == schedule for c in study.cells):
         have = sorted({(c.method, c.schedule) for c in study.cells})

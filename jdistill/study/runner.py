@@ -36,6 +36,8 @@ from jdistill.utils import tracking
 from jdistill.utils.progress import fmt_time
 
 SHORT_RUN_STEPS = 50  # runs shorter than this are not checkpointed
+# settings that change how a student is measured, not the student
+EVAL_FIELDS = ("eval_split", "eval_examples", "general", "general_limit", "eval_batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +73,21 @@ class Settings:
     # CoT traces
     trace_max_new_tokens: int = 40
     trace_batch_size: int = 16
+    # 0: greedy traces (one set for every seed); > 0: sampled, the cell's seed draws them
+    trace_temperature: float = 0.0
+    trace_top_p: float = 1.0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+IN_DOMAIN_METRICS = ("accuracy", "accuracy_stderr", "macro_f1", "macro_f1_stderr", "nll",
+                     "nll_stderr", "brier", "brier_stderr", "n")
+
+
+def in_domain_metrics(result: dict, prefix: str) -> dict:
+    """The row's in-domain fields of a `classify` result, under `prefix`."""
+    return {prefix + k: result[k] for k in IN_DOMAIN_METRICS}
 
 
 def load_task(spec: str, train_split: str, eval_split: str) -> tasks.TaskSpec:
@@ -233,11 +247,13 @@ class Runner:
 
     # ------------------------------------------------------------ distillation
 
-    def records(self, fmt: str, examples: list) -> tuple[list[dict], dict]:
+    def records(self, fmt: str, examples: list, seed: int = 0) -> tuple[list[dict], dict]:
         prompts = [tasks.prompt(self.task, t) for t, _ in examples]
         answers = [tasks.answer(self.task, y) for _, y in examples]
         settings = supervision.TraceSettings(max_new_tokens=self.s.trace_max_new_tokens,
                                              batch_size=self.s.trace_batch_size,
+                                             temperature=self.s.trace_temperature,
+                                             top_p=self.s.trace_top_p, seed=seed,
                                              recipe="{prompt}")
         t_dir = self.teacher_dir()
         return records.build_records(
@@ -282,50 +298,93 @@ class Runner:
 
     def student_for(self, cell: sweep.Cell, records, workdir: Path, writer=None):
         """(trained student, train seconds, tokens seen, final train metrics, throughput)
-        for a cell: one-shot prunes once and distils `steps`; iterative prunes in
-        `prune_steps` steps, re-scoring the current student and distilling steps/k after
-        each (Minitron-style recovery in between)."""
+        for a cell. One-shot prunes the teacher once and distils `cell.recovery_rounds` x
+        `steps`; iterative walks the cell's chain (`chain_step`, each step cached), so
+        seconds and tokens are those of the whole chain up to this student."""
         if cell.schedule == "one_shot":
             student = self._load_fresh(self.one_shot(cell.ratio))
-            r = self.distill(cell, student, records, workdir / "distill", self.s.steps,
-                             writer)
+            r = self.distill(cell, student, records, workdir / "distill",
+                             self.s.steps * cell.recovery_rounds, writer)
             return r.student, r.seconds, r.tokens_seen, r.final_metrics, r.throughput
-        ratios = pruning.compression_schedule(cell.ratio, cell.prune_steps, "geometric")
-        per_step = max(1, self.s.steps // len(ratios))
-        model = self.teacher()
-        original = model.config.num_params()
-        seconds = tokens = 0
-        for k, target in enumerate(ratios, 1):
-            relative = model.config.num_params() / (original / target)
-            teacher_key = json.dumps(self._identity(self.teacher_dir()), sort_keys=True)
-            # step 1 scores the teacher (shared with one-shot); later steps a trained student
-            key = teacher_key if k == 1 else f"{cell.id}/step{k}/{teacher_key}"
-            model = self.prune_to(model, relative, key)
-            self.log(f"[prune] iterative step {k}/{len(ratios)}: ratio {target:.3g} -> "
+        done = None
+        for k in range(1, len(cell.chain) + 1):
+            done = self.chain_step(cell, k, records, workdir, writer)
+        info = json.loads((done / "recovery.json").read_text())
+        return (self._load_fresh(done / "model"), info["chain_seconds"],
+                info["chain_tokens"], info["final_metrics"], info["throughput"])
+
+    def chain_key(self, cell: sweep.Cell, k: int) -> str:
+        """Step k of a chain: what its student depends on (not the evaluation settings)."""
+        train_settings = {f: v for f, v in self.s.as_dict().items() if f not in EVAL_FIELDS}
+        return sweep.stage_key(teacher=self._identity(self.teacher_dir()),
+                               chain=cell.chain[:k], format=cell.format, method=cell.method,
+                               examples=cell.examples, seed=cell.seed, task=self.s.task,
+                               settings=train_settings)
+
+    def chain_step(self, cell: sweep.Cell, k: int, records, workdir: Path, writer=None) -> Path:
+        """The stage directory of step k of `cell`'s chain: step k-1's recovered student (the
+        teacher for k = 1) re-scored, pruned to chain[k-1] and recovered by `steps` of
+        distillation; model/ and recovery.json (this step's and the chain's seconds and
+        tokens). Cached, so the cells along one chain (and a rerun) share the prefix."""
+        key = self.chain_key(cell, k)
+
+        def build(tmp):
+            if k == 1:
+                model, before = self.teacher(), {"chain_seconds": 0.0, "chain_tokens": 0}
+                model_key = json.dumps(self._identity(self.teacher_dir()), sort_keys=True)
+            else:
+                prev = self.chain_step(cell, k - 1, records, workdir, writer)
+                model = self._load_fresh(prev / "model")
+                before = json.loads((prev / "recovery.json").read_text())
+                model_key = self.chain_key(cell, k - 1)
+            target = cell.chain[k - 1]
+            relative = model.config.num_params() / (self.teacher().config.num_params()
+                                                    / target)
+            model = self.prune_to(model, relative, model_key)
+            self.log(f"[prune] chain step {k}/{len(cell.chain)}: ratio {target:.3g} -> "
                      f"{model.config.num_params():,} params")
-            steps = per_step if k < len(ratios) else self.s.steps - per_step * (k - 1)
-            # one curve across the recovery steps: each continues the previous one's steps
-            r = self.distill(cell, model, records, workdir / f"distill{k}", steps,
-                             writer and writer.shifted(per_step * (k - 1)))
-            model, seconds, tokens = r.student, seconds + r.seconds, tokens + r.tokens_seen
-        return model, seconds, tokens, r.final_metrics, r.throughput  # the last recovery's
+            # one curve along the chain: each recovery continues the previous one's steps
+            r = self.distill(cell, model, records, workdir / f"chain{k}", self.s.steps,
+                             writer and writer.shifted(self.s.steps * (k - 1)))
+            jdistill.save_pretrained(r.student, tmp / "model")
+            results.atomic_write_json(tmp / "recovery.json", {
+                "ratio": target, "step": k, "seconds": r.seconds, "tokens": r.tokens_seen,
+                "chain_seconds": before["chain_seconds"] + r.seconds,
+                "chain_tokens": before["chain_tokens"] + r.tokens_seen,
+                "final_metrics": r.final_metrics, "throughput": r.throughput})
+            shutil.rmtree(workdir / f"chain{k}", ignore_errors=True)
+
+        return sweep.cached_stage(self.cache, "chain", key, build, self.log)
 
     def _load_fresh(self, path):
         return jdistill.load_pretrained(path, mesh=self.mesh)
 
     # ------------------------------------------------------------ evaluation
 
-    def evaluate(self, model, label: str) -> dict:
-        """In-domain accuracy / macro-F1 (label log-likelihood) and the general benchmarks."""
+    def evaluate(self, model, label: str, fmt: str | None = None) -> dict:
+        """In-domain accuracy / macro-F1 / gold-label NLL / Brier (label log-likelihoods)
+        and the general benchmarks. A student of a trace format is also scored the way it
+        was trained (its own greedy trace, then the labels): that score is the row's
+        in_domain_* (in_domain_scoring says which), the direct one in_domain_direct_*."""
         tok = data.load_tokenizer(model.source_path or self.teacher_dir())
         examples = self.eval_examples()
         bs = self.s.eval_batch_size
-        r = classify.evaluate_classification(model, tok, self.task, examples, batch_size=bs,
-                                             mesh=self.mesh, progress=f"{label} in-domain")
-        m = {"in_domain_accuracy": r["accuracy"],
-             "in_domain_accuracy_stderr": r["accuracy_stderr"],
-             "in_domain_macro_f1": r["macro_f1"], "in_domain_error": 1.0 - r["accuracy"],
+        direct = classify.evaluate_classification(model, tok, self.task, examples,
+                                                  batch_size=bs, mesh=self.mesh,
+                                                  progress=f"{label} in-domain")
+        m = {**in_domain_metrics(direct, "in_domain_direct_"),
              "in_domain_chance": 1.0 / self.task.num_classes}
+        if fmt is not None and formats.get(fmt).with_trace:
+            traced = classify.evaluate_after_trace(
+                model, tok, self.task, examples, max_new_tokens=self.s.trace_max_new_tokens,
+                batch_size=bs, mesh=self.mesh, separator=records.TRACE_SEPARATOR,
+                progress=f"{label} in-domain after trace")
+            m.update(in_domain_metrics(traced, "in_domain_trace_"),
+                     in_domain_trace_tokens=traced["trace_tokens"])
+            m.update(in_domain_metrics(traced, "in_domain_"), in_domain_scoring="after_trace")
+        else:
+            m.update(in_domain_metrics(direct, "in_domain_"), in_domain_scoring="direct")
+        m["in_domain_error"] = 1.0 - m["in_domain_accuracy"]
         general = {}
         for name in self.s.general:
             items = benchmarks.load_benchmark(name, limit=self.s.general_limit, seed=0)
@@ -379,12 +438,12 @@ class Runner:
         training curves go to `writer` (a `tracking.Writer`) too."""
         start = time.perf_counter()
         examples = self.train_examples(cell.examples)
-        records, trace_stats = self.records(cell.format, examples)
+        records, trace_stats = self.records(cell.format, examples, cell.seed)
         student, train_s, tokens, train_metrics, throughput = self.student_for(
             cell, records, Path(work_dir), writer)
         teacher_params = self.teacher().config.num_params()
         n = student.config.num_params()
-        metrics = self.evaluate(student, cell.id)
+        metrics = self.evaluate(student, cell.id, cell.format)
         return rows.new_row(
             "sweep_cell", cell.as_dict(), teacher_params=teacher_params, student_params=n,
             metrics=metrics, student_dims=pruning.Dims.of(student.config).as_dict(),

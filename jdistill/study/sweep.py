@@ -1,13 +1,19 @@
 """The study's grid: cells, shards, per-cell row files and their merge.
 
 A cell is one (compression ratio, supervision format, method, pruning schedule, dataset size,
-seed). A grid is either the full product of its axes (`design="factorial"`, the paper's
-sweep) or a *star* (`design="star"`): the product ratios x formats at the baseline of the
-other axes (the first value of each), plus, for every other value of method / schedule /
-dataset size, the formats at the `contrast_ratios` with only that one axis changed. The
-star keeps every comparison the study's findings need (format vs format at every ratio;
-LoRA vs full, iterative vs one-shot, small vs large data at matched cells) at a fraction of
-the factorial's cost, which is what a CPU demo can afford.
+seed). An *iterative* cell is one student along a chain: the grid's ratios in rising order
+are the chain (the paper's keep-fractions 79/58/37/16 % are `paper_ratios()`), each step
+prunes the previous step's recovered student (re-scored) to the next ratio and recovers it
+by distillation, and every step is a row (the runner caches each step, so the cells of one
+chain share its prefix). A *one-shot* cell prunes the teacher to its ratio at once and
+recovers with as many steps as the chain spent reaching that ratio, so the two schedules
+compare at equal training compute. A grid is either the full product of its axes (`design="factorial"`, the paper's
+sweep) or a *star* (`design="star"`): the product ratios x formats x methods at the
+baseline schedule and dataset size (the first value of each), plus, for every other
+schedule / dataset size, the formats at the `contrast_ratios` with only that one axis
+changed. The star keeps every comparison the study's findings need (format vs format and
+full vs LoRA along the whole chain; iterative vs one-shot, small vs large data at matched
+cells) at a fraction of the factorial's cost, which is what a CPU can afford.
 
 Each finished cell writes OUT/rows/CELL_ID.jsonl atomically (temp file + rename), so a
 killed cell leaves nothing and a rerun skips exactly the finished cells; concurrent shards
@@ -40,6 +46,7 @@ class Cell:
     examples: int
     seed: int = 0
     prune_steps: int = 1
+    chain: tuple = ()  # the chain's ratios up to and including `ratio` (see the module doc)
 
     @property
     def id(self) -> str:
@@ -50,6 +57,20 @@ class Cell:
     def as_dict(self) -> dict:
         return {"id": self.id, **dataclasses.asdict(self)}
 
+    @property
+    def recovery_rounds(self) -> int:
+        """Recovery runs of `Settings.steps` behind this student (its chain's length)."""
+        return max(1, len(self.chain))
+
+
+def paper_ratios(steps: int = 4, final_keep: float = 0.16) -> tuple:
+    """Compression ratios of the paper's schedule: keep-fractions falling in constant
+    percentage-point steps to `final_keep` (4 steps to 16 %: 79, 58, 37, 16 %)."""
+    if not 0 < final_keep < 1 or steps < 1:
+        raise ValueError(f"need 0 < final_keep < 1 and steps >= 1, got {final_keep}, {steps}")
+    keeps = [1.0 - (1.0 - final_keep) * t / steps for t in range(1, steps + 1)]
+    return tuple(round(1.0 / k, 4) for k in keeps)
+
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
@@ -59,7 +80,6 @@ class Grid:
     schedules: tuple = ("one_shot", "iterative")
     examples: tuple = (128,)
     seeds: tuple = (0,)
-    iterative_steps: int = 2
     design: str = "star"
     contrast_ratios: tuple = (2.0,)
     contrast_formats: tuple | None = None  # star: formats of the contrasts (None: all)
@@ -78,8 +98,8 @@ class Grid:
             raise ValueError(f"grid examples {list(self.examples)}: need sizes >= 1")
         if self.design not in DESIGNS:
             raise ValueError(f"grid design {self.design!r}: use one of {list(DESIGNS)}")
-        if self.iterative_steps < 2 and "iterative" in self.schedules:
-            raise ValueError("iterative_steps must be >= 2 for an iterative schedule")
+        if len(set(self.ratios)) != len(self.ratios):
+            raise ValueError(f"grid ratios {list(self.ratios)}: each ratio once")
         extra = set(self.contrast_formats or ()) - set(self.formats)
         if extra:
             raise ValueError(f"contrast_formats {sorted(extra)} are not among the formats")
@@ -87,24 +107,31 @@ class Grid:
             raise ValueError("a star grid needs contrast_ratios (where LoRA / iterative / "
                              "other data sizes are compared)")
 
+    def chain(self, ratio) -> tuple:
+        """The grid's ratios in rising order, up to and including `ratio`."""
+        return tuple(float(r) for r in sorted(self.ratios) if r <= ratio)
+
     def cell(self, ratio, fmt, method, schedule, examples, seed) -> Cell:
-        steps = self.iterative_steps if schedule == "iterative" else 1
-        return Cell(float(ratio), fmt, method, schedule, int(examples), int(seed), steps)
+        chain = self.chain(ratio)
+        steps = len(chain) if schedule == "iterative" else 1
+        return Cell(float(ratio), fmt, method, schedule, int(examples), int(seed), steps,
+                    chain)
 
     def cells(self) -> list[Cell]:
-        """Every cell of the grid, in a fixed order (cheap, shared stages first)."""
-        base = (self.methods[0], self.schedules[0], self.examples[0])
+        """Every cell of the grid, in a fixed order (cheap, shared stages first; along a
+        chain in rising ratio, so each cell adds one step to the cached ones before it)."""
+        base = (self.schedules[0], self.examples[0])
         axes = []
         if self.design == "factorial":
             axes = [(r, f, m, s, n) for m in self.methods for s in self.schedules
-                    for n in self.examples for r in self.ratios for f in self.formats]
+                    for n in self.examples for r in sorted(self.ratios) for f in self.formats]
         else:
-            axes = [(r, f) + base for r in self.ratios for f in self.formats]
+            axes = [(r, f, m) + base for m in self.methods for r in sorted(self.ratios)
+                    for f in self.formats]
             for r in self.contrast_ratios:
                 for f in self.contrast_formats or self.formats:
-                    axes += [(r, f, m, base[1], base[2]) for m in self.methods[1:]]
-                    axes += [(r, f, base[0], s, base[2]) for s in self.schedules[1:]]
-                    axes += [(r, f, base[0], base[1], n) for n in self.examples[1:]]
+                    axes += [(r, f, self.methods[0], s, base[1]) for s in self.schedules[1:]]
+                    axes += [(r, f, self.methods[0], base[0], n) for n in self.examples[1:]]
         out, seen = [], set()
         for seed in self.seeds:
             for a in axes:
@@ -118,42 +145,67 @@ class Grid:
         return dataclasses.asdict(self)
 
 
-PRESETS = {
-    # the README's demo: a few ratios, label vs blended CoT, LoRA and iterative contrasts
-    "demo": Grid(ratios=(1.5, 2.0, 3.0), formats=("label", "blended"),
-                 methods=("full", "lora"), schedules=("one_shot", "iterative"),
-                 examples=(64,), design="star", contrast_ratios=(2.0,),
-                 contrast_formats=("label",)),
-    # an install check: every stage (correction, one-shot and iterative pruning, CoT traces,
-    # full and LoRA distillation, evaluation, report, plan) once, in minutes; no evidence
-    "smoke": Grid(ratios=(2.0,), formats=("label", "blended"), methods=("full", "lora"),
-                  schedules=("one_shot", "iterative"), examples=(16,), design="star",
-                  contrast_ratios=(2.0,), contrast_formats=("label",)),
-    # the paper's grid (hours on a CPU; meant for accelerators)
-    "paper": Grid(ratios=(1.25, 1.5, 2.0, 3.0, 4.0, 6.0), formats=formats.NAMES,
-                  methods=METHODS, schedules=SCHEDULES, examples=(250, 1000, 4000),
-                  seeds=(0, 1, 2), iterative_steps=3, design="factorial",
-                  contrast_ratios=(2.0,)),
-}
+PAPER_RATIOS = paper_ratios()  # keep 79 / 58 / 37 / 16 % of the teacher
 
+PRESETS = {
+    # the README's demo: the paper's chain for label vs blended CoT, every step a row (a
+    # curve to fit and a held-out ratio to check it on); about 1.5 minutes per row on a
+    # 2-core CPU. Its budget goes to evidence: contrasts (LoRA, one-shot, data size, seeds)
+    # are the study's.
+    "demo": Grid(ratios=PAPER_RATIOS, formats=("label", "blended"), methods=("full",),
+                 schedules=("iterative",), examples=(512,), design="star",
+                 contrast_ratios=(PAPER_RATIOS[1],)),
+    # an install check: every stage (correction, a two-step chain and one-shot pruning, CoT
+    # traces, full and LoRA distillation, both scorings, report, plan) once; no evidence
+    "smoke": Grid(ratios=(1.5, 2.0), formats=("label", "blended"), methods=("full", "lora"),
+                  schedules=("iterative", "one_shot"), examples=(16,), design="star",
+                  contrast_ratios=(2.0,), contrast_formats=("label",)),
+    # the study (issue 18): the chain for label and blended, full and LoRA, 3 seeds, and
+    # two data sizes and one-shot as contrasts at two ratios; <= 3 h on a 2-core CPU
+    "study": Grid(ratios=PAPER_RATIOS, formats=("label", "blended"), methods=("full", "lora"),
+                  schedules=("iterative", "one_shot"), examples=(1024, 256), seeds=(0, 1, 2),
+                  design="star", contrast_ratios=PAPER_RATIOS[1:3]),
+    # the paper's grid (hours on a CPU; meant for accelerators)
+    "paper": Grid(ratios=PAPER_RATIOS, formats=formats.NAMES, methods=METHODS,
+                  schedules=SCHEDULES, examples=(250, 1000, 4000), seeds=(0, 1, 2),
+                  design="factorial", contrast_ratios=(2.0,)),
+}
+PRESETS["paper_gpu"] = PRESETS["study"]  # the study's grid at the paper's sizes, on a GPU
+
+# the paper prunes depth and width together
+WIDTH_AND_DEPTH = ("mlp", "heads", "hidden", "layers")
+# the general score: the mean of these (MMLU as letters and as cloze)
+GENERAL = ("mmlu", "mmlu_cloze", "arc_easy", "arc_challenge", "piqa", "hellaswag")
 
 # each grid preset's run settings (`runner.Settings` fields); demo-sized: minutes per cell on
 # a 2-core CPU with the 135M teacher
 SETTINGS_PRESETS = {
-    # (rows of 128 tokens pack two ~60-token prompts + answers: 4 rows ~ 8 examples a step)
+    # (rows of 128 tokens pack two ~60-token prompts + answers)
     # (evaluation sizes are whole batches of eval_batch_size=16: a part batch costs a full one)
-    "demo": dict(eval_examples=48, general=("arc_easy", "piqa"), general_limit=16,
-                 correction_steps=10, correction_examples=256,
-                 correction_learning_rate=1e-4, steps=6, batch_size=4,
-                 seq_len=128, calib_samples=32, trace_max_new_tokens=24),
+    "demo": dict(eval_examples=208, general=("arc_easy", "piqa"), general_limit=48,
+                 correction_steps=48, correction_examples=2048,
+                 correction_learning_rate=2e-4, steps=10, batch_size=8,
+                 seq_len=128, calib_samples=32, trace_max_new_tokens=24,
+                 axes=WIDTH_AND_DEPTH),
     "smoke": dict(eval_examples=16, general=("arc_easy",), general_limit=16,
                   correction_steps=2, correction_examples=32, correction_learning_rate=1e-4,
                   steps=2, batch_size=2, seq_len=128, calib_samples=8, trace_max_new_tokens=8),
-    "paper": dict(eval_examples=1000, general=("arc_easy", "arc_challenge", "hellaswag",
-                                               "piqa", "boolq", "openbookqa", "mmlu"),
+    "study": dict(eval_examples=320, general=GENERAL, general_limit=64,
+                  correction_steps=96, correction_examples=4096,
+                  correction_learning_rate=2e-4, steps=16, batch_size=8,
+                  seq_len=128, calib_samples=64, trace_max_new_tokens=32,
+                  trace_temperature=0.6, trace_top_p=0.95, axes=WIDTH_AND_DEPTH),
+    "paper_gpu": dict(eval_examples=1008, general=GENERAL, general_limit=512,
+                      correction_steps=300, correction_examples=4096,
+                      correction_learning_rate=1e-4, steps=200, batch_size=32,
+                      seq_len=256, calib_samples=512, trace_max_new_tokens=96,
+                      trace_temperature=0.6, trace_top_p=0.95, eval_batch_size=64,
+                      axes=WIDTH_AND_DEPTH),
+    "paper": dict(eval_examples=1000, general=GENERAL + ("boolq", "openbookqa"),
                   general_limit=500, correction_steps=300, correction_examples=4000,
                   steps=500, batch_size=32, seq_len=256, calib_samples=512,
-                  trace_max_new_tokens=96),
+                  trace_max_new_tokens=96, trace_temperature=0.6, trace_top_p=0.95,
+                  axes=WIDTH_AND_DEPTH),
 }
 
 

@@ -145,6 +145,69 @@ def test_classification_and_saved_confusion(tiny, tmp_path):
     assert Path(paths["png"]).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_label_nll_and_brier_against_sklearn():
+    from sklearn.metrics import brier_score_loss, log_loss  # references (test extra)
+
+    rng = np.random.default_rng(0)
+    ll = rng.normal(size=(40, 3)) * 3 - 20  # log-likelihoods: unnormalised over labels
+    y = rng.integers(0, 3, 40)
+    m = metrics.probabilistic_metrics(y, ll)
+    p = metrics.label_probabilities(ll)
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    assert m["nll"] == pytest.approx(log_loss(y, p, labels=[0, 1, 2]))
+    # multi-class Brier = sum over classes of the one-vs-rest squared errors
+    brier = sum(brier_score_loss(y == k, p[:, k]) for k in range(3))
+    assert m["brier"] == pytest.approx(brier)
+    per_item = np.sum((p - np.eye(3)[y]) ** 2, 1)
+    assert m["brier_stderr"] == pytest.approx(np.std(per_item, ddof=1) / np.sqrt(40))
+    # a certain, right model: NLL 0, Brier 0
+    sure = metrics.probabilistic_metrics([0, 1], np.log([[1.0, 1e-30], [1e-30, 1.0]]))
+    assert sure["nll"] == pytest.approx(0, abs=1e-12) and sure["brier"] == pytest.approx(0)
+
+
+def test_macro_f1_stderr_is_a_seeded_bootstrap():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 300)
+    pred = np.where(rng.random(300) < 0.6, y, rng.integers(0, 4, 300))
+    se = metrics.macro_f1_stderr(y, pred)
+    assert se == metrics.macro_f1_stderr(y, pred)  # reproducible
+    # of the order of a binomial stderr at this accuracy and n, not 0, not 1
+    assert 0.01 < se < 0.06
+    assert metrics.macro_f1_stderr(y[:100], pred[:100]) > se  # fewer items, wider
+
+
+def test_scores_after_the_students_own_trace_match_transformers(tiny):
+    _, hf, tok, model = tiny
+    task = tasks.TaskSpec(name="toy", splits={}, label_names=("dog", "fed rates", "fox"),
+                          template="{text}\nTopic:")
+    examples = [("the lazy", 0), ("markets rally as the", 1), ("quick brown", 2)]
+    r = classify.evaluate_after_trace(model, tok, task, examples, max_new_tokens=6,
+                                      batch_size=2)
+    cfg = model.config
+    bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
+    sep = ev.encode(tok, "\n")
+    stops = {cfg.eos_token_id} | (set(sep) if len(sep) == 1 else set())
+    for (text, gold), pred in zip(examples, r["predictions"]):
+        ctx = bos + ev.encode(tok, tasks.prompt(task, text))
+        # the reference trace: transformers' greedy decoding, stopped as ours stops
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ctx]), max_new_tokens=6, do_sample=False,
+                              eos_token_id=sorted(stops), pad_token_id=0)
+        trace = out[0, len(ctx):].tolist()
+        cut = next((i for i, t in enumerate(trace) if t in stops), None)
+        trace = (trace[:cut + 1] if cut is not None and trace[cut] in sep
+                 else trace[:cut] + sep)
+        ref = [torch_loglik(hf, ctx + trace, ev.encode(tok, tasks.answer(task, k)))
+               for k in range(3)]
+        assert pred == int(np.argmax(ref))
+    traces = classify.generate_traces(model, tok, task, [t for t, _ in examples],
+                                      max_new_tokens=6, batch_size=2)
+    assert r["trace_tokens"] == pytest.approx(np.mean([len(t) for t in traces]))
+    assert all(t[len(t) - len(sep):] == sep for t in traces)  # (this tokenizer drops "\n")
+    for k in ("accuracy", "macro_f1", "nll", "brier", "nll_stderr", "brier_stderr"):
+        assert np.isfinite(r[k]), k
+
+
 def test_parse_label_finds_the_last_label_named():
     names = tasks.TWITTER_LABELS
     assert tasks.parse_label("It mentions earnings but is about a Dividend.", names) == 4

@@ -15,18 +15,29 @@ from tests.hf_models import make_hf_model, save_tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_star_grid_has_every_comparison_the_findings_need():
+def test_demo_is_one_chain_per_format_at_the_papers_ratios():
     cells = sweep.PRESETS["demo"].cells()
-    ids = [c.id for c in cells]
-    assert len(ids) == len(set(ids)) == 3 * 2 + 2
+    assert len({c.id for c in cells}) == len(cells) == 4 * 2
+    for fmt in ("label", "blended"):
+        chain = [c for c in cells if c.format == fmt]
+        assert [c.ratio for c in chain] == list(sweep.PAPER_RATIOS)
+        assert all(c.schedule == "iterative" and c.method == "full" for c in chain)
+        assert chain[-1].chain == sweep.PAPER_RATIOS
+
+
+def test_study_star_grid_has_every_comparison_the_findings_need():
+    cells = sweep.PRESETS["study"].cells()
+    assert len({c.id for c in cells}) == len(cells)
+    assert {c.seed for c in cells} == {0, 1, 2}
     base = {(c.ratio, c.format) for c in cells
-            if (c.method, c.schedule, c.examples) == ("full", "one_shot", 64)}
-    assert base == {(r, f) for r in (1.5, 2.0, 3.0) for f in ("label", "blended")}
-    contrasts = {(c.method, c.schedule, c.examples) for c in cells} - {("full", "one_shot", 64)}
-    assert contrasts == {("lora", "one_shot", 64), ("full", "iterative", 64)}
-    assert all(c.ratio == 2.0 and c.format == "label" for c in cells
-               if (c.method, c.schedule, c.examples) != ("full", "one_shot", 64))
-    assert [c.prune_steps for c in cells if c.schedule == "iterative"] == [2]
+            if (c.method, c.schedule, c.examples, c.seed) == ("full", "iterative", 1024, 0)}
+    assert base == {(r, f) for r in sweep.PAPER_RATIOS for f in ("label", "blended")}
+    assert {(c.ratio, c.format) for c in cells if c.method == "lora"} == base  # chains too
+    contrasts = {(c.method, c.schedule, c.examples) for c in cells} - {
+        ("full", "iterative", 1024), ("lora", "iterative", 1024)}
+    assert contrasts == {("full", "one_shot", 1024), ("full", "iterative", 256)}
+    assert {c.ratio for c in cells if (c.schedule, c.examples) != ("iterative", 1024)} == set(
+        sweep.PAPER_RATIOS[1:3])
 
 
 def test_factorial_grid_is_the_full_product():
@@ -40,7 +51,7 @@ def test_factorial_grid_is_the_full_product():
 def test_grid_sources_apply_in_order_and_bad_values_are_named(tmp_path):
     cfg = tmp_path / "grid.json"
     cfg.write_text(json.dumps({"ratios": [2, 3], "formats": ["logits"]}))
-    g = sweep.grid_from("demo", str(cfg), formats=["cot"], seeds=None)
+    g = sweep.grid_from("smoke", str(cfg), formats=["cot"], seeds=None)
     assert g.ratios == (2, 3) and g.formats == ("cot",) and g.methods == ("full", "lora")
     cfg.write_text(json.dumps({"ratio": [2]}))
     with pytest.raises(ValueError, match="unknown keys \\['ratio'\\]"):
