@@ -191,6 +191,10 @@ def markdown(an: Analysis, summary: dict, plots: list[str], *, source: str) -> s
           for o in st.original_teachers],
         f"- Runs from {times[0] if times else '?'} to {times[-1] if times else '?'}; report "
         f"generated {now}",
+        "- In-domain scores the findings use, per format: " + "; ".join(
+            f"{fmt} {'/'.join(sorted({c.scoring for c in st.cells if c.format == fmt}))}"
+            for fmt in st.formats) + " (after_trace: the student's own greedy trace, then "
+        "the labels; direct: the labels after the prompt; both are in every trace row)",
         f"- Law fits use the baseline method `{an.method}`, schedule `{an.schedule}`, plus the "
         f"teacher at r = 1; bootstrap: {an.n_boot} resamples, {int(an.level * 100)}% "
         f"percentile intervals, seed {an.seed}", "",
@@ -244,13 +248,20 @@ def markdown(an: Analysis, summary: dict, plots: list[str], *, source: str) -> s
     if an.notes:
         lines += ["", "## Notes", ""] + [f"- {_cell(n)}" for n in an.notes]
     lines += ["", "## Raw results", "",
-              "| cell | r (actual) | format | method | schedule | examples | seed | "
-              "in-domain acc | general score |", "|---|---|---|---|---|---|---|---|---|"]
+              "In-domain metrics are scored as each student was trained (`scoring`: "
+              "`after_trace` = the student's own greedy trace, then the labels; `direct` = "
+              "the labels right after the prompt). Stderrs are the larger of the measurement "
+              "stderr and the between-seed sd where a cell has several seeds.", "",
+              "| cell | r (actual) | format | method | schedule | examples | seed | scoring | "
+              "in-domain acc | macro-F1 | gold NLL | Brier | general score |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(st.cells, key=lambda c: (c.format, c.method, c.schedule, c.examples,
                                             c.ratio, c.seed))
     for c in (*st.teachers, *order):
         lines.append(f"| {_cell(c.cell_id)} | {c.r:.3f} | {c.format} | {c.method} | "
-                     f"{c.schedule} | {c.examples or '-'} | {c.seed} | {_pm(c.acc, c.acc_se)} | "
+                     f"{c.schedule} | {c.examples or '-'} | {c.seed} | {c.scoring} | "
+                     f"{_pm(c.acc, c.acc_se)} | {_pm(c.macro_f1, c.macro_f1_se)} | "
+                     f"{_pm(c.nll, c.nll_se)} | {_pm(c.brier, c.brier_se)} | "
                      f"{_pm(c.general, c.general_se)} |")
     lines.append("")
     return "\n".join(lines)

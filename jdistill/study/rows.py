@@ -56,10 +56,10 @@ class Row:
     examples: int
     seed: int
     acc: float
-    acc_se: float
+    acc_se: float  # max(measurement stderr, between-seed sd) once `select` has seen seeds
     chance: float
     general: float
-    general_se: float
+    general_se: float  # likewise
     general_chance: float
     task: str | None = None
     student_params: int | None = None
@@ -67,6 +67,16 @@ class Row:
     time: str | None = None
     run_id: str | None = None
     name: str | None = None  # the teacher's checkpoint (teacher rows)
+    acc_seed_sd: float = math.nan  # sd over the seeds of this cell (NaN below 2 seeds)
+    general_seed_sd: float = math.nan
+    # the paper's other in-domain metrics, as measured (NaN in rows that predate them)
+    macro_f1: float = math.nan
+    macro_f1_se: float = math.nan
+    nll: float = math.nan
+    nll_se: float = math.nan
+    brier: float = math.nan
+    brier_se: float = math.nan
+    scoring: str = "direct"  # "after_trace": a trace-format student scored after its trace
 
     def key(self, drop: Sequence[str] = ()) -> tuple:
         """The cell's identity (ratio, format, method, schedule, steps, examples, seed)
@@ -245,7 +255,35 @@ def parse_row(row: Mapping, where: str) -> Row:
         task=task if isinstance(task, str) else None,
         student_params=meta("student_params"), teacher_params=meta("teacher_params"),
         time=meta("time"), run_id=meta("run_id"),
-        name=name if isinstance(name, str) else None)
+        name=name if isinstance(name, str) else None,
+        scoring=_text(row, m + "in_domain_scoring", where, default="direct"),
+        **{field: _number(row, m + "in_domain_" + key, where, required=False, lo=0.0)
+           for field, key in (("macro_f1", "macro_f1"), ("macro_f1_se", "macro_f1_stderr"),
+                              ("nll", "nll"), ("nll_se", "nll_stderr"), ("brier", "brier"),
+                              ("brier_se", "brier_stderr"))})
+
+
+def with_seed_spread(cells: Sequence[Row]) -> list[Row]:
+    """Rows whose cell was run with >= 2 seeds carry the between-seed sd of accuracy and
+    general score, and use max(measurement stderr, that sd) as their stderr: a seed changes
+    the data order, the LoRA init and the traces, which no single evaluation measures."""
+    groups: dict = {}
+    for c in cells:
+        groups.setdefault(c.key(drop=("seed",)), []).append(c)
+
+    def sd(values):
+        v = np.array([x for x in values if math.isfinite(x)])
+        return float(np.std(v, ddof=1)) if len(v) >= 2 else math.nan
+
+    out = []
+    for c in cells:
+        group = groups[c.key(drop=("seed",))]
+        acc_sd, gen_sd = sd([g.acc for g in group]), sd([g.general for g in group])
+        out.append(dataclasses.replace(
+            c, acc_seed_sd=acc_sd, general_seed_sd=gen_sd,
+            acc_se=float(np.fmax(c.acc_se, acc_sd)),
+            general_se=float(np.fmax(c.general_se, gen_sd))))
+    return out
 
 
 def select(rows: Sequence[Mapping], source: str = "<rows>",
@@ -279,5 +317,10 @@ def select(rows: Sequence[Mapping], source: str = "<rows>",
                          "metrics (the r = 1 point of every fit)")
     if not cells:
         raise ValueError(f"{source}: no 'sweep_cell' rows to analyse")
-    return Study(source=source, cells=tuple(cells.values()), teachers=tuple(teachers),
+    spread = with_seed_spread(list(cells.values()))
+    n_multi = sum(math.isfinite(c.acc_seed_sd) for c in spread)
+    if n_multi:
+        notes.append(f"{n_multi} rows have replicates over seeds: their stderr is the larger of "
+                     "the measurement stderr and the between-seed sd")
+    return Study(source=source, cells=tuple(spread), teachers=tuple(teachers),
                  notes=tuple(notes), original_teachers=tuple(originals))

@@ -406,3 +406,22 @@ def test_plan_flags_extrapolation(factorial):
     assert any("beyond the largest observed ratio" in w for w in ext["warnings"])
     assert any("above the largest observed data size" in w for w in ext["warnings"])
     assert "WARNING" in p["message"]
+
+
+def test_between_seed_spread_widens_a_rows_stderr():
+    # measurement stderr 0.001, but seeds scatter by 0.05: the spread is what the findings use
+    rows = synthetic_rows(ratios=(2,), ds=(64,), formats=("label",), methods=("full",),
+                          schedules=("one_shot",), seeds=(0, 1, 2), noise=0.001)
+    cells = [r for r in rows if r["main"] == "sweep_cell"]
+    for r, shift in zip(cells, (-0.05, 0.0, 0.05)):
+        r["metrics"]["in_domain_accuracy"] += shift
+    st = sd.select(rows)
+    assert len(st.cells) == 3
+    for c in st.cells:
+        assert c.acc_seed_sd == pytest.approx(np.std([c2.acc for c2 in st.cells], ddof=1))
+        assert c.acc_se == pytest.approx(c.acc_seed_sd) and c.acc_se > 0.04
+        assert c.general_se >= 0.001  # general: seeds agree to the noise, stderr kept
+    assert any("between-seed" in n for n in st.notes)
+    single = sd.select(synthetic_rows(ratios=(2,), ds=(64,), formats=("label",),
+                                      methods=("full",), schedules=("one_shot",), noise=0.001))
+    assert all(c.acc_se == 0.001 and np.isnan(c.acc_seed_sd) for c in single.cells)
