@@ -181,7 +181,8 @@ def markdown(an: Analysis, summary: dict, plots: list[str], *, source: str) -> s
         f"- Results: `{source}` — {len(st.cells)} student cells, {len(st.teachers)} teacher "
         f"row(s); formats {', '.join(st.formats)}",
         f"- Task: {', '.join(tasks) or 'unknown'}; teacher: "
-        + (f"`{t0.name}`, " if t0.name else "") + f"{t0.teacher_params or '?'} parameters",
+        + (f"`{Path(t0.name).name}`, " if t0.name else "")  # a path of one machine: its name
+        + f"{t0.teacher_params or '?'} parameters",
         f"- Teacher in-domain accuracy {_pm(t_acc, t_acc_se)} (chance "
         f"{_num(st.in_domain_chance)}); general score "
         + (f"{_pm(t_gen, t_gen_se)} (chance {_num(st.general_chance)})" if st.has_general
