@@ -41,6 +41,18 @@ def evaluate_classification(model, tokenizer, task, examples, *, batch_size: int
             "predictions": y_pred, "labels": y_true}
 
 
+def left_padded(chunk: list[list[int]], batch_size: int, pad_id: int):
+    """(tokens, mask) [batch_size, bucketed length]: `chunk`'s rows left-padded for
+    `generate`; filler rows hold one real pad token (their output is dropped)."""
+    s = bucket(max(len(c) for c in chunk), CTX_BUCKET)
+    tokens = np.full((batch_size, s), pad_id, np.int32)
+    mask = np.zeros((batch_size, s), bool)
+    mask[:, -1] = True
+    for r, c in enumerate(chunk):
+        tokens[r, s - len(c):], mask[r, s - len(c):] = c, True
+    return tokens, mask
+
+
 def generate_and_parse(model, tokenizer, task, texts, *, max_new_tokens: int = 64,
                        batch_size: int = 8, eos_token_id=None, pad_id: int = 0,
                        progress: str | None = None) -> list[tuple[str, int | None]]:
@@ -56,14 +68,9 @@ def generate_and_parse(model, tokenizer, task, texts, *, max_new_tokens: int = 6
     for start in range(0, len(texts), batch_size):
         chunk = [encode(tokenizer, tasks_lib.prompt(task, t))
                  for t in texts[start:start + batch_size]]
-        s = bucket(max(len(c) for c in chunk), CTX_BUCKET)
-        tokens = np.full((batch_size, s), pad_id, np.int32)
-        mask = np.zeros((batch_size, s), bool)
-        mask[:, -1] = True
-        for r, c in enumerate(chunk):
-            tokens[r, s - len(c):], mask[r, s - len(c):] = c, True
-        new = np.asarray(generate(model, tokens, mask, max_new_tokens=max_new_tokens,
-                                  eos_token_id=eos_token_id, pad_token_id=pad_id))
+        new = np.asarray(generate(model, *left_padded(chunk, batch_size, pad_id),
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                  pad_token_id=pad_id))
         for r in range(len(chunk)):
             ids = new[r].tolist()
             eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
@@ -100,14 +107,9 @@ def generate_traces(model, tokenizer, task, texts, *, max_new_tokens: int, batch
     for start in range(0, len(texts), batch_size):
         chunk = [bos + encode(tokenizer, tasks_lib.prompt(task, t))
                  for t in texts[start:start + batch_size]]
-        s = bucket(max(len(c) for c in chunk), CTX_BUCKET)
-        tokens = np.full((batch_size, s), pad, np.int32)
-        mask = np.zeros((batch_size, s), bool)
-        mask[:, -1] = True
-        for r, c in enumerate(chunk):
-            tokens[r, s - len(c):], mask[r, s - len(c):] = c, True
-        new = np.asarray(generate(model, tokens, mask, max_new_tokens=max_new_tokens,
-                                  eos_token_id=stops, pad_token_id=pad))
+        new = np.asarray(generate(model, *left_padded(chunk, batch_size, pad),
+                                  max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                  pad_token_id=pad))
         for r in range(len(chunk)):
             ids = new[r].tolist()
             cut = next((i for i, x in enumerate(ids) if x in stops), None)
