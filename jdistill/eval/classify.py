@@ -35,9 +35,15 @@ def evaluate_classification(model, tokenizer, task, examples, *, batch_size: int
     y_true = np.array([y for _, y in examples])
     ll = label_logliks(model, tokenizer, task, texts, batch_size=batch_size, mesh=mesh,
                        max_length=max_length, progress=progress)
+    return scored(y_true, ll, task.num_classes)
+
+
+def scored(y_true, ll, num_classes: int) -> dict:
+    """The metrics of label log-likelihoods ll [N, K]: accuracy, macro-F1, NLL, Brier (with
+    stderrs), confusion matrix, predictions (argmax) and labels."""
     y_pred = ll.argmax(axis=1)
     return {**classification_metrics(y_true, y_pred), **probabilistic_metrics(y_true, ll),
-            "confusion": confusion_matrix(y_true, y_pred, task.num_classes),
+            "confusion": confusion_matrix(y_true, y_pred, num_classes),
             "predictions": y_pred, "labels": y_true}
 
 
@@ -53,31 +59,41 @@ def left_padded(chunk: list[list[int]], batch_size: int, pad_id: int):
     return tokens, mask
 
 
+def generate_batched(model, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+                     eos_token_id, pad_id: int, progress: str | None = None) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, `batch_size` at a time (left-padded, KV
+    cache): per prompt, the max_new_tokens ids generated (pad after an EOS)."""
+    from jdistill.models.generate import generate
+
+    out = []
+    bar = Progress(len(prompts), progress or "", enabled=progress is not None)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        new = np.asarray(generate(model, *left_padded(chunk, batch_size, pad_id),
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                  pad_token_id=pad_id))
+        out += [new[r].tolist() for r in range(len(chunk))]
+        bar.update(len(chunk))
+    return out
+
+
 def generate_and_parse(model, tokenizer, task, texts, *, max_new_tokens: int = 64,
                        batch_size: int = 8, eos_token_id=None, pad_id: int = 0,
                        progress: str | None = None) -> list[tuple[str, int | None]]:
     """Greedy generation (`jdistill.models.generate`, batched, KV cache) for each text's prompt,
     then `parse_label` on the output: [(generated text, label index or None)]. For CoT
     models, whose answer follows a reasoning trace."""
-    from jdistill.models.generate import generate
-
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    prompts = [encode(tokenizer, tasks_lib.prompt(task, t)) for t in texts]
     out = []
-    bar = Progress(len(texts), progress or "", enabled=progress is not None)
-    for start in range(0, len(texts), batch_size):
-        chunk = [encode(tokenizer, tasks_lib.prompt(task, t))
-                 for t in texts[start:start + batch_size]]
-        new = np.asarray(generate(model, *left_padded(chunk, batch_size, pad_id),
-                                  max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                  pad_token_id=pad_id))
-        for r in range(len(chunk)):
-            ids = new[r].tolist()
-            eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-            cut = next((i for i, x in enumerate(ids) if x in eos), len(ids))
-            text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
-            out.append((text, parse_label(text, task.label_names)))
-        bar.update(len(chunk))
+    for ids in generate_batched(model, prompts, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, eos_token_id=eos_token_id,
+                                pad_id=pad_id, progress=progress):
+        cut = next((i for i, x in enumerate(ids) if x in eos), len(ids))
+        text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        out.append((text, parse_label(text, task.label_names)))
     return out
 
 
@@ -89,35 +105,27 @@ def _stop_ids(tokenizer, config, separator: str) -> list[int]:
     return ids + sep if len(sep) == 1 else ids
 
 
-def generate_traces(model, tokenizer, task, texts, *, max_new_tokens: int, batch_size: int = 8,
-                    separator: str = "\n", progress: str | None = None) -> list[list[int]]:
+def student_traces(model, tokenizer, task, texts, *, max_new_tokens: int, batch_size: int = 8,
+                   separator: str = "\n", progress: str | None = None) -> list[list[int]]:
     """Per text: the student's own greedy trace after its prompt, as token ids (batched, KV
     cache), up to and including the separator that ends a trace in training (no separator
     within `max_new_tokens`: the tokens generated, then the separator's tokens). The prompt
     is encoded as `data.encode_example` encodes it (BOS, then the prompt's own tokens)."""
-    from jdistill.models.generate import generate
-
     cfg = model.config
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     stops = _stop_ids(tokenizer, cfg, separator)
     sep_ids = encode(tokenizer, separator)
     bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
+    prompts = [bos + encode(tokenizer, tasks_lib.prompt(task, t)) for t in texts]
     out = []
-    bar = Progress(len(texts), progress or "", enabled=progress is not None)
-    for start in range(0, len(texts), batch_size):
-        chunk = [bos + encode(tokenizer, tasks_lib.prompt(task, t))
-                 for t in texts[start:start + batch_size]]
-        new = np.asarray(generate(model, *left_padded(chunk, batch_size, pad),
-                                  max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                  pad_token_id=pad))
-        for r in range(len(chunk)):
-            ids = new[r].tolist()
-            cut = next((i for i, x in enumerate(ids) if x in stops), None)
-            if cut is not None and ids[cut] in sep_ids:
-                out.append(ids[:cut + 1])
-            else:  # an EOS or the budget ended the trace: the answer still starts a line
-                out.append(ids[:cut if cut is not None else len(ids)] + sep_ids)
-        bar.update(len(chunk))
+    for ids in generate_batched(model, prompts, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, eos_token_id=stops, pad_id=pad,
+                                progress=progress):
+        cut = next((i for i, x in enumerate(ids) if x in stops), None)
+        if cut is not None and ids[cut] in sep_ids:
+            out.append(ids[:cut + 1])
+        else:  # an EOS or the budget ended the trace: the answer still starts a line
+            out.append(ids[:cut if cut is not None else len(ids)] + sep_ids)
     return out
 
 
@@ -129,7 +137,7 @@ def evaluate_after_trace(model, tokenizer, task, examples, *, max_new_tokens: in
     `evaluate_classification`, plus the mean trace length in tokens."""
     texts = [t for t, _ in examples]
     y_true = np.array([y for _, y in examples])
-    traces = generate_traces(model, tokenizer, task, texts, max_new_tokens=max_new_tokens,
+    traces = student_traces(model, tokenizer, task, texts, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, separator=separator,
                              progress=progress and f"{progress} traces")
     cfg = model.config
@@ -139,8 +147,5 @@ def evaluate_after_trace(model, tokenizer, task, examples, *, max_new_tokens: in
                 for t, tr in zip(texts, traces)]
     ll = np.stack(choice_logliks(model, requests, batch_size=batch_size, mesh=mesh,
                                  progress=progress))
-    y_pred = ll.argmax(axis=1)
-    return {**classification_metrics(y_true, y_pred), **probabilistic_metrics(y_true, ll),
-            "confusion": confusion_matrix(y_true, y_pred, task.num_classes),
-            "predictions": y_pred, "labels": y_true,
+    return {**scored(y_true, ll, task.num_classes),
             "trace_tokens": float(np.mean([len(t) for t in traces]))}

@@ -200,7 +200,7 @@ def test_scores_after_the_students_own_trace_match_transformers(tiny):
         ref = [torch_loglik(hf, ctx + trace, ev.encode(tok, tasks.answer(task, k)))
                for k in range(3)]
         assert pred == int(np.argmax(ref))
-    traces = classify.generate_traces(model, tok, task, [t for t, _ in examples],
+    traces = classify.student_traces(model, tok, task, [t for t, _ in examples],
                                       max_new_tokens=6, batch_size=2)
     assert r["trace_tokens"] == pytest.approx(np.mean([len(t) for t in traces]))
     assert all(t[len(t) - len(sep):] == sep for t in traces)  # (this tokenizer drops "\n")
