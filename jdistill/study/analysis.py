@@ -93,14 +93,20 @@ def analyze(study: Study, *, method: str = "full", schedule: str | None = None,
                 fits[(fmt, metric)] = cf
             if note:
                 notes.append(note)
-        extrap[fmt] = extrapolate(rows, fmt, fits.get((fmt, "in_domain_error")))
+        extrap[fmt] = extrapolate(rows, fmt, fits.get((fmt, "in_domain_error")),
+                                  chance=study.in_domain_chance)
     an = Analysis(study, method, schedule, n_boot, seed, level, fits, extrap, [], notes)
     an.findings.extend(findings(an))
     return an
 
 
-def extrapolate(rows: Sequence[Row], fmt: str, full_fit: CurveFit | None) -> dict:
+def extrapolate(rows: Sequence[Row], fmt: str, full_fit: CurveFit | None,
+                chance: float = 0.0) -> dict:
     """Fit the error law on rows with requested ratio below the largest, predict the rest.
+
+    The predicted accuracy is bounded below by `chance` (the error law alone is unbounded
+    and, past the knee, predicts accuracies below zero that no classifier can score): a law
+    that says "collapsed" at the held-out ratio is right when the student is at chance.
 
     Returns the held-out accuracy errors, the tolerance and whether the full-data curve is
     non-increasing in r (checked on a grid from 1 to the largest ratio at each data size).
@@ -123,12 +129,13 @@ def extrapolate(rows: Sequence[Row], fmt: str, full_fit: CurveFit | None) -> dic
     except ValueError as err:
         return {**out, "skipped": f"fit on ratio < {top:g} failed: {err}"}
     tx = {"r": np.array([t.r for t in test]), "D": np.array([float(t.examples) for t in test])}
-    pred = 1.0 - sc.predict(law, res.theta, {k: tx[k] for k in law.x_names})
+    chance = chance if math.isfinite(chance) else 0.0
+    pred = np.maximum(chance, 1.0 - sc.predict(law, res.theta, {k: tx[k] for k in law.x_names}))
     obs = np.array([t.acc for t in test])
     se = np.array([t.acc_se for t in test])
     se_rms = float(np.sqrt(np.mean(se ** 2))) if np.all(np.isfinite(se)) else math.nan
     tol = max(EXTRAP_TOL_ABS, EXTRAP_TOL_SE * se_rms) if math.isfinite(se_rms) else EXTRAP_TOL_ABS
-    out.update(law=law.name, choice=choice, train_max_ratio=max(r.ratio for r in train),
+    out.update(law=law.name, choice=choice, chance_floor=chance, train_max_ratio=max(r.ratio for r in train),
                predicted=pred.tolist(), observed=obs.tolist(),
                abs_err=np.abs(pred - obs).tolist(), mean_abs_err=float(np.mean(np.abs(pred - obs))),
                max_abs_err=float(np.max(np.abs(pred - obs))), tolerance=tol,

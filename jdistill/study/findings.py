@@ -3,7 +3,8 @@
 Findings and their decision rules (``Z`` = 2 standard errors):
 
 1. ``smooth_degradation``: per format, fit the error law on the rows with requested ratio
-   below the largest, predict the largest-ratio rows; reproduced when the mean absolute
+   below the largest, predict the largest-ratio rows (accuracy bounded below by chance);
+   reproduced when the mean absolute
    accuracy error is <= max(``EXTRAP_TOL_ABS``, ``EXTRAP_TOL_SE`` x the rows' stderr) and
    the full-data curve is non-increasing in r; "not reproduced" when either fails.
 2. ``general_collapses_first``: per format, the bootstrap intervals of r0 (general) and r0
@@ -87,7 +88,8 @@ def _mono_text(mono) -> str:
 
 def _finding_smooth(an: Analysis) -> dict:
     claim = "In-domain quality degrades smoothly and predictably with compression"
-    rule = (f"per format: fit on ratios below the largest, predict the largest; mean |acc "
+    rule = (f"per format: fit on ratios below the largest, predict the largest (accuracy "
+            f"floored at chance); mean |acc "
             f"error| <= max({EXTRAP_TOL_ABS}, {EXTRAP_TOL_SE} x stderr) and fitted accuracy "
             "non-increasing in r")
     parts, texts = [], []

@@ -425,3 +425,20 @@ def test_between_seed_spread_widens_a_rows_stderr():
     single = sd.select(synthetic_rows(ratios=(2,), ds=(64,), formats=("label",),
                                       methods=("full",), schedules=("one_shot",), noise=0.001))
     assert all(c.acc_se == 0.001 and np.isnan(c.acc_seed_sd) for c in single.cells)
+
+
+def test_held_out_prediction_is_floored_at_chance():
+    # an error law fitted before the knee runs past 1 - chance at the held-out ratio: the
+    # prediction is the chance level, which a collapsed student scores
+    def row(ratio, acc, teacher=False):
+        return sd.Row(where="x", teacher=teacher, cell_id=f"r{ratio}", ratio=ratio, r=ratio,
+                      format="label", method="full", schedule="iterative", prune_steps=1,
+                      examples=64, seed=0, acc=acc, acc_se=0.02, chance=0.05,
+                      general=math.nan, general_se=math.nan, general_chance=math.nan)
+    rows = [row(1.0, 0.80, teacher=True), row(1.27, 0.55), row(1.72, 0.30), row(2.7, 0.12),
+            row(6.25, 0.06)]
+    unbounded = sd.extrapolate(rows, "label", None)
+    floored = sd.extrapolate(rows, "label", None, chance=0.05)
+    assert unbounded["predicted"][0] < 0.05  # the law alone goes below chance
+    assert floored["predicted"] == [0.05] and floored["chance_floor"] == 0.05
+    assert floored["mean_abs_err"] == pytest.approx(0.01)
