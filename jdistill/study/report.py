@@ -11,7 +11,6 @@ import datetime
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +22,20 @@ from jdistill.utils import files as results
 
 
 def write_report(an: Analysis, results_path, out_dir) -> Path:
-    """Writes report.md, fits.json and plots of `an` (the analysis of the rows in
-    `results_path`) under `out_dir`; returns the path of report.md."""
+    """Writes report.md, fits.json, plots and results.jsonl (the rows of `results_path`,
+    whose analysis `an` is) under `out_dir`; returns the path of report.md. The folder is
+    self-contained and machine-independent (`files.portable_paths`), so it can be
+    committed or shared as it is."""
     out = Path(out_dir)
+    rows = [json.loads(line) for line in Path(results_path).read_text().splitlines()
+            if line.strip()]
     plots = render_plots(an, out)
-    summary = {**findings_summary(an), "plots": plots}
+    summary = results.portable_paths({**findings_summary(an), "plots": plots})
     results.atomic_write(out / "fits.json", json.dumps(summary, indent=1))
+    results.atomic_write(out / "results.jsonl", "".join(
+        json.dumps(results.portable_paths(r)) + "\n" for r in rows))
     path = out / "report.md"
-    # relative: the report folder stays readable when it moves with its results
-    source = os.path.relpath(Path(results_path).resolve(), out.resolve())
-    results.atomic_write(path, markdown(an, summary, plots, source=source))
+    results.atomic_write(path, markdown(an, summary, plots, source="results.jsonl"))
     return path
 
 

