@@ -125,15 +125,17 @@ def _panel(ax, an, fmt, metric, cf, teacher, chance):
         ax.scatter([c.r for c in pts], [c.value(metric)[0] for c in pts], s=18,
                    facecolors="none", edgecolors="grey", label="other method/schedule")
     if cf is not None:
+        # drawn as finding 1 predicts: never below chance (the error law alone is unbounded)
+        floor = chance if math.isfinite(chance) else 0.0
         rg = np.geomspace(1.0, max(c.r for c in base) * 1.15, 120)
         curve_ds = [None] if cf.D_range is None else ds
         for i, d in enumerate(curve_ds):
             color = f"C{i}" if d is not None else "k"
-            ax.plot(rg, cf.predict(rg, d), color=color, lw=1.5,
+            ax.plot(rg, np.maximum(cf.predict(rg, d), floor), color=color, lw=1.5,
                     label=f"{cf.law.name}" + (f" D={d}" if d is not None else ""))
             band = cf.band(rg, d)
-            if band is not None:  # accuracies and scores live in [0, 1]; so does their band
-                band = np.clip(band, 0.0, 1.0)
+            if band is not None:  # accuracies and scores live in [chance, 1]; so does the band
+                band = np.clip(band, floor, 1.0)
                 ax.fill_between(rg, band[0], band[1], color=color, alpha=0.18)
         if "r0" in cf.params():
             r0 = cf.params()["r0"]
