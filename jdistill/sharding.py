@@ -180,8 +180,10 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU devices
     jax.distributed.initialize(**settings, heartbeat_timeout_seconds=heartbeat_timeout_s,
                                initialization_timeout=initialization_timeout_s,
-                               # a dead peer must not hold the others at exit for minutes
-                               shutdown_timeout_seconds=max(heartbeat_timeout_s, 10))
+                               # the others wait at exit while process 0 writes the
+                               # results (and imports TensorBoard: seconds under load); a
+                               # dead peer ends the run by heartbeat, not by this timeout
+                               shutdown_timeout_seconds=max(heartbeat_timeout_s, 120))
     return True
 
 
