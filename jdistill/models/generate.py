@@ -18,15 +18,34 @@ def sample_token(logits, rng, temperature: float, top_p: float):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_p < 1.0:
-        # Nucleus: keep the smallest prefix of the sorted distribution with mass >= top_p
-        # (the top token always survives).
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
-        threshold = jnp.min(kept, axis=-1, keepdims=True)
-        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+        logits = jnp.where(nucleus(logits, top_p), logits, -jnp.inf)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def order_key(x):
+    """f32 -> uint32 whose unsigned order is the floats' order (the radix-sort trick)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def nucleus(logits, top_p: float):
+    """[B, V] bool: the smallest set of most likely tokens with probability mass >= top_p
+    (ties at its edge all kept; the top token always).
+
+    Found by bisection on the logits' bit order — 32 masked sums over the vocabulary — not
+    by sorting it: on a CPU a [16, 49152] sort costs ~150 ms a decode step, ten times this.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    key = order_key(logits)
+
+    def halve(_, bounds):  # invariant: mass(key >= lo) >= top_p > mass(key >= hi)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(jnp.where(key >= mid[:, None], probs, 0.0), axis=-1) >= top_p
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.min(key, axis=-1), jnp.max(key, axis=-1) + 1))
+    return key >= lo[:, None]
 
 
 def generate(model: Decoder, tokens, attention_mask=None, *, max_new_tokens: int,

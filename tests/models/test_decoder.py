@@ -70,6 +70,26 @@ def test_sampling_is_seeded_and_top_p_limits_support(tiny_checkpoint):
     np.testing.assert_array_equal(nucleus, greedy)
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95])
+def test_nucleus_keeps_what_transformers_top_p_keeps(top_p):
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from jdistill.models.generate import nucleus
+    rs = np.random.RandomState(0)
+    # the sampler's operating points: flat, moderate and peaked distributions over 49k tokens
+    logits = np.concatenate([rs.randn(4, 49152) * s for s in (0.5, 3.0, 10.0)]).astype(np.float32)
+    ours = np.asarray(nucleus(jnp.asarray(logits), top_p))
+    theirs = np.isfinite(TopPLogitsWarper(top_p)(None, torch.from_numpy(logits)).numpy())
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours.sum(-1).min() >= 1
+
+
+def test_nucleus_keeps_ties_at_its_edge():
+    from jdistill.models.generate import nucleus
+    kept = np.asarray(nucleus(jnp.array([[2.0, 1.0, 1.0, 1.0, -1.0]]), 0.5))
+    np.testing.assert_array_equal(kept, [[True, True, True, True, False]])
+
+
 def test_generate_rejects_right_padding(tiny_checkpoint):
     ckpt = tiny_checkpoint("qwen3")
     model = jdistill.load_pretrained(ckpt.path)
