@@ -100,6 +100,11 @@ def analyze(study: Study, *, method: str = "full", schedule: str | None = None,
     return an
 
 
+def at_least_chance(accuracy, chance: float):
+    """Accuracies as finding 1 predicts them: never below chance (0 where it is unknown)."""
+    return np.maximum(accuracy, chance if math.isfinite(chance) else 0.0)
+
+
 def extrapolate(rows: Sequence[Row], fmt: str, full_fit: CurveFit | None,
                 chance: float = 0.0) -> dict:
     """Fit the error law on rows with requested ratio below the largest, predict the rest.
@@ -129,13 +134,14 @@ def extrapolate(rows: Sequence[Row], fmt: str, full_fit: CurveFit | None,
     except ValueError as err:
         return {**out, "skipped": f"fit on ratio < {top:g} failed: {err}"}
     tx = {"r": np.array([t.r for t in test]), "D": np.array([float(t.examples) for t in test])}
-    chance = chance if math.isfinite(chance) else 0.0
-    pred = np.maximum(chance, 1.0 - sc.predict(law, res.theta, {k: tx[k] for k in law.x_names}))
+    pred = at_least_chance(1.0 - sc.predict(law, res.theta, {k: tx[k] for k in law.x_names}),
+                           chance)
     obs = np.array([t.acc for t in test])
     se = np.array([t.acc_se for t in test])
     se_rms = float(np.sqrt(np.mean(se ** 2))) if np.all(np.isfinite(se)) else math.nan
     tol = max(EXTRAP_TOL_ABS, EXTRAP_TOL_SE * se_rms) if math.isfinite(se_rms) else EXTRAP_TOL_ABS
-    out.update(law=law.name, choice=choice, chance_floor=chance, train_max_ratio=max(r.ratio for r in train),
+    out.update(law=law.name, choice=choice, chance_floor=float(at_least_chance(0.0, chance)),
+               train_max_ratio=max(r.ratio for r in train),
                predicted=pred.tolist(), observed=obs.tolist(),
                abs_err=np.abs(pred - obs).tolist(), mean_abs_err=float(np.mean(np.abs(pred - obs))),
                max_abs_err=float(np.max(np.abs(pred - obs))), tolerance=tol,

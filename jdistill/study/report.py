@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jdistill.study.analysis import Analysis
+from jdistill.study.analysis import Analysis, at_least_chance
 from jdistill.study.findings import summary as findings_summary
 from jdistill.study.statistics import Z
 from jdistill.utils import files as results
@@ -125,17 +125,15 @@ def _panel(ax, an, fmt, metric, cf, teacher, chance):
         ax.scatter([c.r for c in pts], [c.value(metric)[0] for c in pts], s=18,
                    facecolors="none", edgecolors="grey", label="other method/schedule")
     if cf is not None:
-        # drawn as finding 1 predicts: never below chance (the error law alone is unbounded)
-        floor = chance if math.isfinite(chance) else 0.0
         rg = np.geomspace(1.0, max(c.r for c in base) * 1.15, 120)
         curve_ds = [None] if cf.D_range is None else ds
         for i, d in enumerate(curve_ds):
             color = f"C{i}" if d is not None else "k"
-            ax.plot(rg, np.maximum(cf.predict(rg, d), floor), color=color, lw=1.5,
+            ax.plot(rg, at_least_chance(cf.predict(rg, d), chance), color=color, lw=1.5,
                     label=f"{cf.law.name}" + (f" D={d}" if d is not None else ""))
             band = cf.band(rg, d)
             if band is not None:  # accuracies and scores live in [chance, 1]; so does the band
-                band = np.clip(band, floor, 1.0)
+                band = np.minimum(at_least_chance(band, chance), 1.0)
                 ax.fill_between(rg, band[0], band[1], color=color, alpha=0.18)
         if "r0" in cf.params():
             r0 = cf.params()["r0"]
