@@ -392,7 +392,8 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
         if meter.flops_per_step is None:
             meter.flops_per_step = batch_flops(batch, student.config,
                                                teacher and teacher.config, cfg)
-        state, metrics = step_fn(state, frozen, t_params, batch)
+        with jax.set_mesh(mesh):  # kernels that XLA cannot partition shard_map over it
+            state, metrics = step_fn(state, frozen, t_params, batch)
         done = step + 1
         if pending is not None:  # read step N while step N + 1 runs (no per-step host sync)
             finish(*pending)

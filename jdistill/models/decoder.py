@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill import sharding as sharding_lib
+from jdistill.models import splash
 from jdistill.models.config import ModelConfig
 from jdistill.models.rope import apply_rope, rope_inv_freq
 
@@ -70,16 +71,17 @@ def rms_norm(x, weight, eps, channel_mask=None):
     return y if channel_mask is None else y * channel_mask.astype(y.dtype)
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 ATTENTION_ENV = "JDISTILL_ATTENTION"  # forces one implementation (benchmarks, debugging)
 
 
 def attention_implementation(dtype, head_dim: int) -> str:
-    """The kernel `jax.nn.dot_product_attention` is told to use, chosen per backend:
-    cuDNN's fused flash attention on a GPU where it applies (bf16/f16, head_dim a multiple
-    of 8 up to 128): no [B, H, T, S] scores in memory. XLA elsewhere: on CPU it is the
-    fastest there is; on TPU too for now (JAX's Pallas splash kernel needs 128-aligned
-    lengths and its own mask objects: not built). `JDISTILL_ATTENTION` overrides."""
+    """The attention kernel, chosen per backend: on a GPU cuDNN's fused flash attention
+    (through `jax.nn.dot_product_attention`) where it applies (bf16/f16, head_dim a multiple
+    of 8 up to 128); on a TPU JAX's Pallas splash kernel (`models.splash`); neither forms
+    the [B, H, T, S] scores. XLA elsewhere: on CPU it is the fastest there is. Where the
+    kernel cannot run a call (splash: a KV cache, a length not a multiple of 128),
+    `attend` uses XLA for it. `JDISTILL_ATTENTION` overrides."""
     forced = os.environ.get(ATTENTION_ENV)
     if forced:
         if forced not in ATTENTION_IMPLEMENTATIONS:
@@ -89,6 +91,8 @@ def attention_implementation(dtype, head_dim: int) -> str:
     if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 128):
         return "cudnn"
+    if jax.default_backend() == "tpu":
+        return "splash"
     return "xla"
 
 
@@ -121,12 +125,13 @@ CAUSAL_BLOCK = 128  # queries per block of XLA's causal attention (measured best
 
 
 def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None, *, aligned=False,
-           block=CAUSAL_BLOCK):
+           segments=None, block=CAUSAL_BLOCK):
     """Causal GQA attention through `jax.nn.dot_product_attention`. q [B,T,H,hd], k/v
     [B,S,KV,hd], q_slots [T], k_slots [S], k_valid [B,S] (or [B,T,S] when queries differ in
     which keys they may see: packing). Scores and softmax in f32; masked with a large
     finite negative, so rows with no valid key (padding queries) give a harmless uniform
     average instead of NaN. `aligned`: q_slots == k_slots (self-attention, no cache).
+    `segments` [B, T]: `splash.segment_ids` of the same mask (what the splash kernel takes).
 
     XLA materialises the scores, so aligned attention runs in blocks of `block` queries,
     each against the keys up to its last query only: the masked upper triangle is never
@@ -134,6 +139,10 @@ def attend(q, k, v, q_slots, k_slots, k_valid, sliding_window=None, *, aligned=F
     this CPU). Exact, but in rows with no valid key (their uniform average is over fewer
     keys; nothing reads those rows)."""
     impl = attention_implementation(q.dtype, q.shape[-1])
+    if impl == "splash":
+        if aligned and segments is not None and splash.fits(q.shape[1]) and splash.usable():
+            return splash.attention(q, k, v, segments, sliding_window)
+        impl = "xla"
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if impl != "xla" or not aligned or q.shape[1] <= block:
         args = attention_args(q_slots, k_slots, k_valid, sliding_window, aligned=aligned,
@@ -185,7 +194,7 @@ class Attention(nnx.Module):
             self.k_norm = nnx.Param(jnp.ones((hd,), dtype))
 
     def __call__(self, x, cos, sin, q_slots, k_valid, cache_kv=None, cache_index=None,
-                 head_mask=None, acts=None):
+                 head_mask=None, acts=None, segments=None):
         c = self.config
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...])
         k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...])
@@ -205,7 +214,7 @@ class Attention(nnx.Module):
                                                   (0, cache_index, 0, 0))
             k_slots = jnp.arange(keys.shape[1])
         out = attend(q, keys, values, q_slots, k_slots, k_valid, c.sliding_window,
-                     aligned=cache_kv is None)
+                     aligned=cache_kv is None, segments=segments)
         if head_mask is not None:
             out = out * head_mask.astype(out.dtype)[:, None]
         if acts is not None:
@@ -240,12 +249,12 @@ class Block(nnx.Module):
         self.mlp = MLP(c, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, q_slots, k_valid, cache_kv=None, cache_index=None,
-                 head_mask=None, neuron_mask=None, hidden_mask=None, acts=None):
+                 head_mask=None, neuron_mask=None, hidden_mask=None, acts=None, segments=None):
         """`acts`, when a dict, receives this layer's activations (see Decoder.forward)."""
         eps = self.config.rms_norm_eps
         h = rms_norm(x, self.input_layernorm[...], eps, hidden_mask)
         attn, kv = self.self_attn(h, cos, sin, q_slots, k_valid, cache_kv, cache_index, head_mask,
-                                  acts)
+                                  acts, segments)
         if acts is not None:
             acts["attn_norm"] = h
         x = x + _mask_channels(attn, hidden_mask)
@@ -325,11 +334,12 @@ class Decoder(nnx.Module):
 
         if cache is None:
             q_slots, k_valid, index = jnp.arange(t), attention_mask, None
+            segments = splash.segment_ids(attention_mask, documents)
             if documents is not None:
                 same = documents[:, :, None] == documents[:, None, :]
                 k_valid = attention_mask[:, None, :] & same  # [B, T, S]
         else:
-            index = cache.index
+            index, segments = cache.index, None
             q_slots = index + jnp.arange(t)
             k_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
             cache_valid = k_valid
@@ -341,7 +351,7 @@ class Decoder(nnx.Module):
                 k_valid = k_valid[:, None, :] & (shared[None, None, :] | same)  # [B, T, S]
 
         x = _mask_channels(self.embed_tokens[...][tokens], masks.get("hidden"))
-        attn = (cos, sin, q_slots, k_valid)  # what every layer's attention needs
+        attn = (cos, sin, q_slots, k_valid, segments)  # what every layer's attention needs
         if activations is None:
             x, new_k, new_v = self._scan_layers(x, attn, index, masks, cache, layers, remat)
         else:
@@ -372,11 +382,13 @@ class Decoder(nnx.Module):
         xs = (stacked, masks.get("heads"), masks.get("mlp"), masks.get("layers"),
               None if cache is None else (cache.k, cache.v))
 
+        cos, sin, q_slots, k_valid, segments = attn
+
         def body(x, xs):
             state, head_mask, neuron_mask, keep, kv = xs
-            y, kv = nnx.merge(graphdef, state)(x, *attn, kv, index, head_mask=head_mask,
-                                               neuron_mask=neuron_mask,
-                                               hidden_mask=hidden_mask)
+            y, kv = nnx.merge(graphdef, state)(x, cos, sin, q_slots, k_valid, kv, index,
+                                               head_mask=head_mask, neuron_mask=neuron_mask,
+                                               hidden_mask=hidden_mask, segments=segments)
             return (y if keep is None else jnp.where(keep, y, x)), \
                 (None if cache is None else kv)  # without a cache nothing is kept
 
@@ -390,12 +402,14 @@ class Decoder(nnx.Module):
     def _loop_layers(self, x, attn, index, masks, cache, activations):
         """The layers one by one, recording each one's activations (importance scoring)."""
         new_k, new_v = [], []
+        cos, sin, q_slots, k_valid, segments = attn
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             acts = {"layer_in": x}
-            y, (k, v) = layer(x, *attn, kv, index, head_mask=_row(masks, "heads", i),
+            y, (k, v) = layer(x, cos, sin, q_slots, k_valid, kv, index,
+                              head_mask=_row(masks, "heads", i),
                               neuron_mask=_row(masks, "mlp", i),
-                              hidden_mask=masks.get("hidden"), acts=acts)
+                              hidden_mask=masks.get("hidden"), acts=acts, segments=segments)
             x = y if "layers" not in masks else jnp.where(masks["layers"][i], y, x)
             activations.append({**acts, "layer_out": x})
             new_k.append(k)

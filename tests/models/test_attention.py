@@ -121,6 +121,90 @@ def test_implementation_per_backend_and_override(monkeypatch):
     assert decoder.attention_implementation(jnp.bfloat16, 72 + 1) == "xla"
     monkeypatch.setenv(decoder.ATTENTION_ENV, "xla")
     assert decoder.attention_implementation(jnp.bfloat16, 64) == "xla"
+    monkeypatch.delenv(decoder.ATTENTION_ENV)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert decoder.attention_implementation(jnp.float32, 64) == "splash"
     monkeypatch.setenv(decoder.ATTENTION_ENV, "flash")
-    with pytest.raises(ValueError, match="JDISTILL_ATTENTION='flash': use one of xla, cudnn"):
+    with pytest.raises(ValueError, match="JDISTILL_ATTENTION='flash': use one of xla, cudnn, "
+                                         "splash"):
         decoder.attention_implementation(jnp.bfloat16, 64)
+
+
+# ------------------------------------------------------------ splash (TPU; interpret mode here)
+
+ST = 256  # two of the kernel's 128-token tiles
+
+
+def _splash_cases():
+    """name -> (attention_mask [B, ST], documents [B, ST] or None, sliding window)."""
+    r = np.random.default_rng(3)
+    right = np.arange(ST)[None] < np.array([[ST], [200], [77]])
+    docs = np.cumsum(r.random((B, ST)) < 0.03, axis=1) + 1  # documents 1, 2, ... per row
+    return {
+        "causal": (np.ones((B, ST), bool), None, None),
+        "right padding": (right, None, None),
+        "left padding": (right[:, ::-1], None, None),
+        "sliding window": (right, None, 100),
+        "packed documents": (right, np.where(right, docs, 0), None),
+        "packed + window": (right, np.where(right, docs, 0), 30),
+    }
+
+
+def _splash_reference(q, k, v, mask, docs, window):
+    """The einsum attention of the same mask, and the rows of real tokens."""
+    slots = jnp.arange(ST)
+    k_valid = jnp.asarray(mask)
+    if docs is not None:
+        k_valid = k_valid[:, None, :] & jnp.asarray(docs[:, :, None] == docs[:, None, :])
+    return einsum_attention(q, k, v, slots, slots, k_valid, window), mask
+
+
+@pytest.mark.parametrize("case", list(_splash_cases()))
+def test_splash_equals_the_einsum_attention(case):
+    from jdistill.models import splash
+    q, k, v = (jnp.asarray(np.random.default_rng(4).normal(size=(B, ST, h, HD)), jnp.float32)
+               for h in (H, KV, KV))
+    mask, docs, window = _splash_cases()[case]
+    want, real = _splash_reference(q, k, v, mask, docs, window)
+    segments = splash.segment_ids(jnp.asarray(mask), None if docs is None else jnp.asarray(docs))
+    got = splash.attention(q, k, v, segments, window)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5,
+                               rtol=2e-5)
+    if case == "packed + window":  # and its gradients, through the kernel's backward
+        def loss(f):
+            return lambda q, k, v: jnp.sum(jnp.where(real[..., None, None], f(q, k, v), 0) ** 2)
+        ours = jax.grad(loss(lambda q, k, v: splash.attention(q, k, v, segments, window)),
+                        argnums=(0, 1, 2))(q, k, v)
+        ref = jax.grad(loss(lambda q, k, v: _splash_reference(q, k, v, mask, docs, window)[0]),
+                       argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(ours, ref):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def test_splash_decoder_on_a_mesh_equals_xla(monkeypatch):
+    """The whole decoder with splash attention, under `jax.set_mesh` on 8 devices (the kernel
+    in shard_map: batch over data x fsdp, heads over tensor), packed and padded rows: the
+    logits of every real token equal XLA's."""
+    from jdistill import sharding
+    from jdistill.models.config import ModelConfig
+    c = ModelConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=50)
+    model = decoder.init_model(c, seed=1)
+    t = 128
+    r = np.random.default_rng(5)
+    tokens = jnp.asarray(r.integers(1, 97, (4, t)))
+    mask = np.arange(t)[None] < np.array([[t], [100], [64], [t]])
+    docs = np.where(mask, np.cumsum(r.random((4, t)) < 0.05, axis=1) + 1, 0)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+
+    def logits(impl):
+        monkeypatch.setenv(decoder.ATTENTION_ENV, impl)
+        fwd = jax.jit(lambda m, x, a, d: m(x, attention_mask=a, documents=d))
+        with jax.set_mesh(mesh):
+            ops = str(jax.make_jaxpr(fwd)(model, tokens, jnp.asarray(mask), None))
+            assert (("pallas_call" in ops) and ("shard_map" in ops)) == (impl == "splash")
+            return [np.asarray(fwd(model, tokens, jnp.asarray(mask), d))
+                    for d in (None, jnp.asarray(docs))]
+
+    for got, want in zip(logits("splash"), logits("xla")):
+        np.testing.assert_allclose(got[mask], want[mask], atol=2e-5, rtol=2e-5)
