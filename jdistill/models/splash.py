@@ -15,7 +15,6 @@ on its batch rows and, when the tensor axis divides both head counts, its heads.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -54,14 +53,12 @@ def attention(q, k, v, segments, sliding_window=None):
     run = functools.partial(_local, sliding_window=sliding_window)
     if mesh.empty:
         return run(q, k, v, segments)
-    b, _, h, _ = q.shape
-    batch = tuple(a for a in sharding_lib.RULES["batch"] if a in mesh.shape)
-    if b % math.prod(mesh.shape[a] for a in batch):
-        batch = ()
-    tensor = mesh.shape.get("tensor", 1)
-    heads = "tensor" if tensor > 1 and h % tensor == 0 and k.shape[2] % tensor == 0 else None
-    spec = P(batch or None, None, heads, None)
-    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(batch or None, None)),
+    # the rules table's layout of each operand; heads split only where both counts divide,
+    # or a device's query heads would not be the ones its KV heads serve
+    q_spec = sharding_lib.spec_for(("batch", None, "heads", None), q.shape, mesh)
+    kv_spec = sharding_lib.spec_for(("batch", None, "kv_heads", None), k.shape, mesh)
+    spec = q_spec if q_spec == kv_spec else P(q_spec[0], None, None, None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0], None)),
                          out_specs=spec, check_vma=False)(q, k, v, segments)
 
 
