@@ -15,6 +15,7 @@ reassociating a masked reduction: ~1 ulp).
 
 from __future__ import annotations
 
+import math
 import os
 
 import flax.struct
@@ -170,6 +171,16 @@ REMAT_POLICIES = {
 }
 
 
+def dense(x, w, contract: int = 1):
+    """x [..., *w.shape[:contract]] · w -> [..., *w.shape[contract:]] as one 2-D GEMM
+    [rows, K] @ [K, N]. XLA:CPU lays out the backward of a dot whose rows span several
+    dims (batch and time) by transposing the [tokens, N] gradient: the MLP's forward +
+    backward in the layer scan is 1.7x slower that way than as a 2-D product (measured)."""
+    k = math.prod(w.shape[:contract])
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*x.shape[:x.ndim - contract], *w.shape[contract:])
+
+
 def _param(rngs, shape, dtype, std=0.02):
     """A N(0, std) weight, or zeros when rngs is None (see `abstract_model`)."""
     if rngs is None:
@@ -196,9 +207,7 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, q_slots, k_valid, cache_kv=None, cache_index=None,
                  head_mask=None, acts=None, segments=None):
         c = self.config
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...])
-        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...])
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...])
+        q, k, v = (dense(x, w[...]) for w in (self.q_proj, self.k_proj, self.v_proj))
         if c.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if c.qk_norm:
@@ -221,7 +230,7 @@ class Attention(nnx.Module):
             acts["heads"] = out
         # this call's keys/values only: the caller writes all layers' into its cache at once
         # (returning each layer's whole updated cache copied the cache every decode step)
-        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...]), (k, v)
+        return dense(out, self.o_proj[...], contract=2), (k, v)
 
 
 class MLP(nnx.Module):
@@ -232,12 +241,12 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (f, d), dtype)
 
     def __call__(self, x, neuron_mask=None, acts=None):
-        act = jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...])
+        act = jax.nn.silu(dense(x, self.gate_proj[...])) * dense(x, self.up_proj[...])
         if neuron_mask is not None:
             act = act * neuron_mask.astype(act.dtype)
         if acts is not None:
             acts["mlp_act"] = act
-        return act @ self.down_proj[...]
+        return dense(act, self.down_proj[...])
 
 
 class Block(nnx.Module):
