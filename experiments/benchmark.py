@@ -100,7 +100,7 @@ DTYPE = common.define_dtype(help="compute dtype (f32 master weights either way; 
                              "preset's)", choices=("float32", "bfloat16"))  # train.DTYPES
 STEPS = flags.DEFINE_integer("steps", None, "timed steps per implementation, after one "
                              "untimed warm-up / compile step (default: preset's)")
-REMAT = flags.DEFINE_enum("remat", "none", list(REMAT_POLICIES), "remat policy of the "
+REMAT = flags.DEFINE_enum("remat", "dots", list(REMAT_POLICIES), "remat policy of the "
                           "student's layers (DistillConfig.remat)")
 REMAT_MEMORY = flags.DEFINE_bool("remat_memory", False, "also print each remat policy's "
                                  "compiled temporary memory at 8 x 2048 tokens")

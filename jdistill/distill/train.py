@@ -72,8 +72,9 @@ class DistillConfig:
     lora_targets: str = _field(r"self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj",
                                "regex of the linear layers LoRA adapts")
     chunk_size: int = _field(512, "tokens per chunk of the fused lm-head loss")
-    remat: str = _field("none", "what the backward pass recomputes of each student layer: "
-                        "none (fastest), dots (projections kept), full (least memory)",
+    remat: str = _field("dots", "what the backward pass recomputes of each student layer: "
+                        "dots (projections kept; fastest on CPU), none (everything kept), "
+                        "full (least memory)",
                         tuple(REMAT_POLICIES))
     seed: int = _field(0, "data order, LoRA init and dropout seed")
 
