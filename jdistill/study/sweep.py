@@ -149,10 +149,11 @@ PAPER_RATIOS = paper_ratios()  # keep 79 / 58 / 37 / 16 % of the teacher
 
 PRESETS = {
     # the README's demo: the paper's chain for label vs blended CoT, every step a row (a
-    # curve to fit and a held-out ratio to check it on); about 1.5 minutes per row on a
-    # 2-core CPU. Its budget goes to evidence: contrasts (LoRA, one-shot, data size, seeds)
-    # are the study's. A chain step's 10 steps of 8 packed rows see ~160 label / ~100
-    # blended examples: a larger pool would only cost teacher traces nobody trains on.
+    # curve to fit and a held-out ratio to check it on); 1–4.5 minutes per row on a 2-core
+    # CPU. Its budget goes to evidence: contrasts (LoRA, one-shot, data size, seeds) are the
+    # study's. A chain step's 10 steps of 8 packed rows see ~160 label examples (121 blended
+    # records were kept of 192 traces): a larger pool would only cost teacher traces nobody
+    # trains on.
     "demo": Grid(ratios=PAPER_RATIOS, formats=("label", "blended"), methods=("full",),
                  schedules=("iterative",), examples=(192,), design="star",
                  contrast_ratios=(PAPER_RATIOS[1],)),
