@@ -10,7 +10,8 @@ from jdistill.data import tasks as tasks_lib
 from jdistill.data.tasks import parse_label
 from jdistill.eval.metrics import (classification_metrics, confusion_matrix,
                                    probabilistic_metrics)
-from jdistill.eval.scoring import CTX_BUCKET, bucket, choice_logliks, encode, encode_pair
+from jdistill.eval.scoring import (CTX_BUCKET, bucket, choice_logliks, encode, encode_pair,
+                                    traced_choice_logliks)
 from jdistill.utils.progress import Progress
 
 
@@ -97,55 +98,25 @@ def generate_and_parse(model, tokenizer, task, texts, *, max_new_tokens: int = 6
     return out
 
 
-def _stop_ids(tokenizer, config, separator: str) -> list[int]:
-    """EOS ids, plus the separator when it is one token: a trace ends at its first line."""
-    eos = config.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    sep = encode(tokenizer, separator)
-    return ids + sep if len(sep) == 1 else ids
-
-
-def student_traces(model, tokenizer, task, texts, *, max_new_tokens: int, batch_size: int = 8,
-                   separator: str = "\n", progress: str | None = None) -> list[list[int]]:
-    """Per text: the student's own greedy trace after its prompt, as token ids (batched, KV
-    cache), up to and including the separator that ends a trace in training (no separator
-    within `max_new_tokens`: the tokens generated, then the separator's tokens). The prompt
-    is encoded as `data.encode_example` encodes it (BOS, then the prompt's own tokens)."""
-    cfg = model.config
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    stops = _stop_ids(tokenizer, cfg, separator)
-    sep_ids = encode(tokenizer, separator)
-    bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
-    prompts = [bos + encode(tokenizer, tasks_lib.prompt(task, t)) for t in texts]
-    out = []
-    for ids in generate_batched(model, prompts, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, eos_token_id=stops, pad_id=pad,
-                                progress=progress):
-        cut = next((i for i, x in enumerate(ids) if x in stops), None)
-        if cut is not None and ids[cut] in sep_ids:
-            out.append(ids[:cut + 1])
-        else:  # an EOS or the budget ended the trace: the answer still starts a line
-            out.append(ids[:cut if cut is not None else len(ids)] + sep_ids)
-    return out
-
-
 def evaluate_after_trace(model, tokenizer, task, examples, *, max_new_tokens: int,
                          batch_size: int = 8, mesh=None, separator: str = "\n",
                          progress: str | None = None) -> dict:
-    """CoT scoring, the way a trace format trains: the student generates its trace (greedy),
-    then every label's answer is scored after prompt + that trace. The metrics of
+    """CoT scoring, the way a trace format trains: the student writes its greedy trace after
+    its prompt (encoded as `data.encode_example` encodes it: BOS, then the prompt), up to
+    and including the separator that ends a trace in training (an EOS or the token budget
+    ends it too, and the separator is appended), then every label's answer is scored after
+    prompt + trace; one KV cache for both (`scoring.traced_choice_logliks`). The metrics of
     `evaluate_classification`, plus the mean trace length in tokens."""
-    texts = [t for t, _ in examples]
     y_true = np.array([y for _, y in examples])
-    traces = student_traces(model, tokenizer, task, texts, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, separator=separator,
-                             progress=progress and f"{progress} traces")
     cfg = model.config
+    eos = [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id or [])
     bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
     answers = [encode(tokenizer, tasks_lib.answer(task, k)) for k in range(task.num_classes)]
-    requests = [(bos + encode(tokenizer, tasks_lib.prompt(task, t)) + tr, answers)
-                for t, tr in zip(texts, traces)]
-    ll = np.stack(choice_logliks(model, requests, batch_size=batch_size, mesh=mesh,
-                                 progress=progress))
+    requests = [(bos + encode(tokenizer, tasks_lib.prompt(task, t)), answers)
+                for t, _ in examples]
+    out = traced_choice_logliks(model, requests, max_new_tokens=max_new_tokens, eos_ids=eos,
+                                separator=encode(tokenizer, separator), batch_size=batch_size,
+                                mesh=mesh, pad_id=cfg.pad_token_id or 0, progress=progress)
+    ll = np.stack([scores for _, scores in out])
     return {**scored(y_true, ll, task.num_classes),
-            "trace_tokens": float(np.mean([len(t) for t in traces]))}
+            "trace_tokens": float(np.mean([len(trace) for trace, _ in out]))}

@@ -200,12 +200,45 @@ def test_scores_after_the_students_own_trace_match_transformers(tiny):
         ref = [torch_loglik(hf, ctx + trace, ev.encode(tok, tasks.answer(task, k)))
                for k in range(3)]
         assert pred == int(np.argmax(ref))
-    traces = classify.student_traces(model, tok, task, [t for t, _ in examples],
-                                      max_new_tokens=6, batch_size=2)
-    assert r["trace_tokens"] == pytest.approx(np.mean([len(t) for t in traces]))
-    assert all(t[len(t) - len(sep):] == sep for t in traces)  # (this tokenizer drops "\n")
     for k in ("accuracy", "macro_f1", "nll", "brier", "nll_stderr", "brier_stderr"):
         assert np.isfinite(r[k]), k
+
+
+def greedy_reference(hf, ctx, max_new, eos, separator):
+    """transformers' greedy trace, stopped and completed as a trace is: ids in `eos` end it
+    (dropped), a one-token separator ends it (kept), else the separator is appended."""
+    stops = sorted(set(eos) | (set(separator) if len(separator) == 1 else set()))
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ctx]), max_new_tokens=max_new, do_sample=False,
+                          eos_token_id=stops or None, pad_token_id=0)
+    new = out[0, len(ctx):].tolist()
+    cut = next((i for i, t in enumerate(new) if t in stops), None)
+    if cut is not None and new[cut] not in eos:
+        return new[:cut + 1], "separator"
+    return new[:cut if cut is not None else len(new)] + list(separator), \
+        "eos" if cut is not None else "budget"
+
+
+@pytest.mark.parametrize("sep_len", [1, 2])
+def test_traced_logliks_match_transformers_generate_then_score(tiny, sep_len):
+    _, hf, tok, model = tiny
+    ctxs = [ev.encode(tok, t) for t in ("the quick brown fox", "markets rally as the fed",
+                                        "the lazy", "fox over the lazy dog and")]
+    conts = [ev.encode(tok, c) for c in (" dog", " holds rates", " fox")]
+    with torch.no_grad():  # free-running continuations pick stop ids that end traces
+        free = [hf.generate(torch.tensor([c]), max_new_tokens=6, do_sample=False,
+                            pad_token_id=0)[0, len(c):].tolist() for c in ctxs]
+    separator = free[0][2:2 + sep_len]
+    eos = [next(t for t in free[1][1:] if t not in separator)]
+    refs = [greedy_reference(hf, c, 6, eos, separator) for c in ctxs]
+    ends = {end for _, end in refs}
+    assert "eos" in ends and ("separator" in ends or sep_len > 1), ends  # paths exercised
+    ours = ev.traced_choice_logliks(model, [(c, conts) for c in ctxs], max_new_tokens=6,
+                                    eos_ids=eos, separator=separator, batch_size=3)
+    for c, (trace, _), (our_trace, ll) in zip(ctxs, refs, ours):
+        assert our_trace == trace
+        np.testing.assert_allclose(ll, [torch_loglik(hf, c + trace, x) for x in conts],
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_parse_label_finds_the_last_label_named():
