@@ -151,9 +151,9 @@ PRESETS = {
     # the README's demo: the paper's chain for label vs blended CoT, every step a row (a
     # curve to fit and a held-out ratio to check it on); 1–4.5 minutes per row on a 2-core
     # CPU. Its budget goes to evidence: contrasts (LoRA, one-shot, data size, seeds) are the
-    # study's. A chain step's 10 steps of 8 packed rows see ~160 label examples (121 blended
-    # records were kept of 192 traces): a larger pool would only cost teacher traces nobody
-    # trains on.
+    # study's. A chain step's 10 steps of 4 packed 256-token rows see ~135 label examples
+    # (121 blended records were kept of 192 traces): a larger pool would only cost teacher
+    # traces nobody trains on.
     "demo": Grid(ratios=PAPER_RATIOS, formats=("label", "blended"), methods=("full",),
                  schedules=("iterative",), examples=(192,), design="star",
                  contrast_ratios=(PAPER_RATIOS[1],)),
@@ -185,12 +185,14 @@ GENERAL = ("mmlu", "mmlu_cloze", "arc_easy", "arc_challenge", "piqa", "hellaswag
 # each grid preset's run settings (`runner.Settings` fields); demo-sized: minutes per cell on
 # a 2-core CPU with the 135M teacher
 SETTINGS_PRESETS = {
-    # (rows of 128 tokens pack two ~60-token prompts + answers)
+    # (label examples are ~66 tokens: a 128-token row packs 1.4 of them, 71 % full, a
+    # 256-token row 3.4, 86 % full, at the same step cost on a CPU. 52 correction steps of
+    # 4 x 256 reached 0.649 ± 0.033, as 64 steps of 8 x 128 did, in 243 s instead of 276)
     # (evaluation sizes are whole batches of eval_batch_size=16: a part batch costs a full one)
     "demo": dict(eval_examples=208, general=("arc_easy", "piqa"), general_limit=48,
-                 correction_steps=64, correction_examples=2048,
-                 correction_learning_rate=2e-4, steps=10, batch_size=8,
-                 seq_len=128, calib_samples=32, trace_max_new_tokens=24,
+                 correction_steps=52, correction_examples=2048,
+                 correction_learning_rate=2e-4, steps=10, batch_size=4,
+                 seq_len=256, calib_samples=32, trace_max_new_tokens=24,
                  axes=WIDTH_AND_DEPTH),
     "smoke": dict(eval_examples=16, general=("arc_easy",), general_limit=16,
                   correction_steps=2, correction_examples=32, correction_learning_rate=1e-4,
