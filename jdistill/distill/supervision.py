@@ -48,6 +48,7 @@ from flax import nnx
 
 from jdistill import sharding
 from jdistill.data import io as data
+from jdistill.models.decoder import stacked_layers
 from jdistill.models.generate import generate
 from jdistill.utils import files as results
 
@@ -135,6 +136,7 @@ def generate_traces(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     traces: list[str | None] = [None] * len(prompts)
     n_batches = -(-len(order) // batch_size)
     t0, new_tokens = time.perf_counter(), 0
+    layers = stacked_layers(*nnx.split(model))
     for b in range(n_batches):
         rows = order[b * batch_size:(b + 1) * batch_size]
         chunk = [encoded[i] for i in rows]
@@ -147,7 +149,7 @@ def generate_traces(model, tokenizer, prompts: list[str], *, max_new_tokens: int
         out = np.asarray(generate(
             model, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, rng=jax.random.fold_in(jax.random.key(seed), b),
-            eos_token_id=list(eos) or None, pad_token_id=pad_id))
+            eos_token_id=list(eos) or None, pad_token_id=pad_id, layers=layers))
         for r, i in enumerate(rows):
             ids = out[r].tolist()
             cut = next((j for j, t in enumerate(ids) if t in eos), len(ids))

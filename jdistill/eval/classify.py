@@ -64,15 +64,19 @@ def generate_batched(model, prompts: list[list[int]], *, max_new_tokens: int, ba
                      eos_token_id, pad_id: int, progress: str | None = None) -> list[list[int]]:
     """Greedy continuations of token-id prompts, `batch_size` at a time (left-padded, KV
     cache): per prompt, the max_new_tokens ids generated (pad after an EOS)."""
+    from flax import nnx
+
+    from jdistill.models.decoder import stacked_layers
     from jdistill.models.generate import generate
 
     out = []
     bar = Progress(len(prompts), progress or "", enabled=progress is not None)
+    layers = stacked_layers(*nnx.split(model))
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         new = np.asarray(generate(model, *left_padded(chunk, batch_size, pad_id),
                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                  pad_token_id=pad_id))
+                                  pad_token_id=pad_id, layers=layers))
         out += [new[r].tolist() for r in range(len(chunk))]
         bar.update(len(chunk))
     return out

@@ -31,7 +31,7 @@ from flax import nnx
 from jdistill import sharding as sharding_lib
 from jdistill.data import io as data
 from jdistill.distill import fused
-from jdistill.models.decoder import KVCache
+from jdistill.models.decoder import KVCache, stacked_layers
 from jdistill.utils.progress import Progress
 
 CTX_BUCKET = 32  # contexts pad to multiples of this many tokens
@@ -64,14 +64,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 def bucket(n: int, multiple: int) -> int:
     """n rounded up to a multiple of `multiple` (at least `multiple`)."""
     return max(multiple, -(-n // multiple) * multiple)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def stacked_layers(graphdef, state):
-    """The model's layer weights stacked for its scanned forward, once per evaluation: a
-    program that stacks them itself copies every layer weight in every batch (0.45 s a
-    forward for the 135M teacher on this CPU)."""
-    return nnx.merge(graphdef, state).stacked_layers()
 
 
 def _predictors(model, layers, cache, last, cont, choice, offset, length):

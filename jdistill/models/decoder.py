@@ -15,6 +15,7 @@ reassociating a masked reduction: ~1 ulp).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -435,6 +436,15 @@ class Decoder(nnx.Module):
         hidden, _ = self.forward(tokens, attention_mask=attention_mask, positions=positions,
                                  masks=masks, documents=documents)
         return self.unembed(hidden)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def stacked_layers(graphdef, state):
+    """`Decoder.stacked_layers()` of nnx.split(model) as its own program, for a caller that
+    runs many batches of one model (evaluation, trace generation): a program that stacks the
+    layers itself copies every layer weight in every batch (0.45 s a forward of the 135M
+    teacher on this CPU)."""
+    return nnx.merge(graphdef, state).stacked_layers()
 
 
 def stack_trees(trees: list):

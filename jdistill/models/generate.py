@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill.models.decoder import Decoder, KVCache
+from jdistill.models.decoder import Decoder, KVCache, stacked_layers
 
 
 def sample_token(logits, rng, temperature: float, top_p: float):
@@ -50,12 +50,14 @@ def nucleus(logits, top_p: float):
 
 def generate(model: Decoder, tokens, attention_mask=None, *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, rng=None, eos_token_id=None,
-             pad_token_id: int = 0):
+             pad_token_id: int = 0, layers=None):
     """Continues a left-padded batch. Returns new token ids [B, max_new_tokens]; after a
     row emits an EOS id, the rest of the row is `pad_token_id`.
 
     tokens [B, T] int; attention_mask [B, T] with padding on the left (required: every
     row's last token must be real). eos_token_id: an int, a list of ints, or None.
+    layers: `decoder.stacked_layers(*nnx.split(model))`, from a caller generating many
+    batches with one model (stacked once, not in every batch's program).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if attention_mask is None:
@@ -74,18 +76,19 @@ def generate(model: Decoder, tokens, attention_mask=None, *, max_new_tokens: int
         eos = tuple(eos_token_id)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, tokens, attention_mask, rng, max_new_tokens,
+    if layers is None:
+        layers = stacked_layers(graphdef, state)
+    return _generate(graphdef, state, layers, tokens, attention_mask, rng, max_new_tokens,
                      float(temperature), float(top_p), eos, int(pad_token_id))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
-def _generate(graphdef, state, tokens, attention_mask, rng, max_new_tokens, temperature,
-              top_p, eos, pad_id):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10))
+def _generate(graphdef, state, layers, tokens, attention_mask, rng, max_new_tokens,
+              temperature, top_p, eos, pad_id):
     model = nnx.merge(graphdef, state)
     b, t = tokens.shape
     cache = KVCache.create(model.config, b, t + max_new_tokens, model.dtype)
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    layers = model.stacked_layers()  # once, not in every step of the loop
     hidden, cache = model.forward(tokens, attention_mask=attention_mask, positions=positions,
                                   cache=cache, layers=layers)
     logits = model.unembed(hidden[:, -1])
