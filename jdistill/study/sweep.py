@@ -188,8 +188,10 @@ SETTINGS_PRESETS = {
     # (label examples are ~66 tokens: a 128-token row packs 1.4 of them, 71 % full, a
     # 256-token row 3.4, 86 % full, at the same step cost on a CPU. 52 correction steps of
     # 4 x 256 reached 0.649 ± 0.033, as 64 steps of 8 x 128 did, in 243 s instead of 276)
-    # (evaluation sizes are whole batches of eval_batch_size=16: a part batch costs a full one)
-    "demo": dict(eval_examples=208, general=("arc_easy", "piqa"), general_limit=48,
+    # (evaluation sizes are whole batches of eval_batch_size=16: a part batch costs a full one.
+    # General: ARC-Easy alone, 96 items: the stderr of 48 ARC-Easy + 48 PIQA (~0.05) at 3/4
+    # of the cost, PIQA's two long solutions an item being the dearest items here)
+    "demo": dict(eval_examples=208, general=("arc_easy",), general_limit=96,
                  correction_steps=52, correction_examples=2048,
                  correction_learning_rate=2e-4, steps=10, batch_size=4,
                  seq_len=256, calib_samples=32, trace_max_new_tokens=24,
