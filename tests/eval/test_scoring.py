@@ -239,6 +239,13 @@ def test_traced_logliks_match_transformers_generate_then_score(tiny, sep_len):
         assert our_trace == trace
         np.testing.assert_allclose(ll, [torch_loglik(hf, c + trace, x) for x in conts],
                                    rtol=1e-4, atol=1e-4)
+    if sep_len == 1:  # the batch split over 8 simulated devices (conftest): the same
+        sharded = ev.traced_choice_logliks(model, [(c, conts) for c in ctxs], max_new_tokens=6,
+                                           eos_ids=eos, separator=separator, batch_size=8,
+                                           mesh=sharding.make_mesh())
+        for (trace, ll), (s_trace, s_ll) in zip(ours, sharded):
+            assert s_trace == trace
+            np.testing.assert_allclose(s_ll, ll, atol=1e-5)
 
 
 def test_parse_label_finds_the_last_label_named():
