@@ -49,7 +49,7 @@ from flax import nnx
 from jdistill import sharding
 from jdistill.data import io as data
 from jdistill.models.decoder import stacked_layers
-from jdistill.models.generate import generate
+from jdistill.models.generate import eos_ids, generate
 from jdistill.utils import files as results
 
 DEFAULT_RECIPE = "{prompt}\nThink step by step, then give the label.\n"
@@ -130,8 +130,7 @@ def generate_traces(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"prompts {empty[:5]} encode to no tokens; give a bos_id or drop them")
-    eos = () if eos_token_id is None else (
-        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    eos = eos_ids(eos_token_id)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     traces: list[str | None] = [None] * len(prompts)
     n_batches = -(-len(order) // batch_size)

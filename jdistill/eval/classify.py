@@ -5,6 +5,7 @@ or a generated answer (with its trace) parsed back to a label.
 from __future__ import annotations
 
 import numpy as np
+from flax import nnx
 
 from jdistill.data import tasks as tasks_lib
 from jdistill.data.tasks import parse_label
@@ -12,6 +13,8 @@ from jdistill.eval.metrics import (classification_metrics, confusion_matrix,
                                    probabilistic_metrics)
 from jdistill.eval.scoring import (CTX_BUCKET, bucket, choice_logliks, encode, encode_pair,
                                     traced_choice_logliks)
+from jdistill.models.decoder import stacked_layers
+from jdistill.models.generate import eos_ids, generate
 from jdistill.utils.progress import Progress
 
 
@@ -64,11 +67,6 @@ def generate_batched(model, prompts: list[list[int]], *, max_new_tokens: int, ba
                      eos_token_id, pad_id: int, progress: str | None = None) -> list[list[int]]:
     """Greedy continuations of token-id prompts, `batch_size` at a time (left-padded, KV
     cache): per prompt, the max_new_tokens ids generated (pad after an EOS)."""
-    from flax import nnx
-
-    from jdistill.models.decoder import stacked_layers
-    from jdistill.models.generate import generate
-
     out = []
     bar = Progress(len(prompts), progress or "", enabled=progress is not None)
     layers = stacked_layers(*nnx.split(model))
@@ -90,7 +88,7 @@ def generate_and_parse(model, tokenizer, task, texts, *, max_new_tokens: int = 6
     models, whose answer follows a reasoning trace."""
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    eos = set(eos_ids(eos_token_id))
     prompts = [encode(tokenizer, tasks_lib.prompt(task, t)) for t in texts]
     out = []
     for ids in generate_batched(model, prompts, max_new_tokens=max_new_tokens,
@@ -113,7 +111,7 @@ def evaluate_after_trace(model, tokenizer, task, examples, *, max_new_tokens: in
     `evaluate_classification`, plus the mean trace length in tokens."""
     y_true = np.array([y for _, y in examples])
     cfg = model.config
-    eos = [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id or [])
+    eos = eos_ids(cfg.eos_token_id)
     bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
     answers = [encode(tokenizer, tasks_lib.answer(task, k)) for k in range(task.num_classes)]
     requests = [(bos + encode(tokenizer, tasks_lib.prompt(task, t)), answers)

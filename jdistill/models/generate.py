@@ -48,6 +48,16 @@ def nucleus(logits, top_p: float):
     return key >= lo[:, None]
 
 
+def eos_ids(eos_token_id) -> tuple[int, ...]:
+    """An EOS spec as configs and callers give it (an int, a list of ints, or None) as a
+    tuple of ids."""
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, int):
+        return (eos_token_id,)
+    return tuple(eos_token_id)
+
+
 def generate(model: Decoder, tokens, attention_mask=None, *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, rng=None, eos_token_id=None,
              pad_token_id: int = 0, layers=None):
@@ -68,12 +78,7 @@ def generate(model: Decoder, tokens, attention_mask=None, *, max_new_tokens: int
                          "(pad on the left, as tokenizers do with padding_side='left')")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if eos_token_id is None:
-        eos = ()
-    elif isinstance(eos_token_id, int):
-        eos = (eos_token_id,)
-    else:
-        eos = tuple(eos_token_id)
+    eos = eos_ids(eos_token_id)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     if layers is None:

@@ -152,7 +152,7 @@ PRESETS = {
     # curve to fit and a held-out ratio to check it on); 1–4.5 minutes per row on a 2-core
     # CPU. Its budget goes to evidence: contrasts (LoRA, one-shot, data size, seeds) are the
     # study's. A chain step's 10 steps of 4 packed 256-token rows see ~135 label examples
-    # (121 blended records were kept of 192 traces): a larger pool would only cost teacher
+    # (157 blended records were kept of 192 traces): a larger pool would only cost teacher
     # traces nobody trains on.
     "demo": Grid(ratios=PAPER_RATIOS, formats=("label", "blended"), methods=("full",),
                  schedules=("iterative",), examples=(192,), design="star",
