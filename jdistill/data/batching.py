@@ -105,8 +105,9 @@ class PackedBatcher:
 
     Epoch e packs every example once (but those of one token, which predict nothing):
     `pack_rows` in the order `data.epoch_permutation(n, seed, e)`. The epochs' rows,
-    concatenated, form one stream and step s takes rows [s * rows_per_step, (s + 1) *
-    rows_per_step) of it (a step may straddle two epochs, as `data.Batcher`'s do). A batch
+    concatenated, form one stream and step s takes rows [(first_step + s) * rows_per_step,
+    (first_step + s + 1) * rows_per_step) of it (a step may straddle two epochs, as
+    `data.Batcher`'s do; `first_step` lets a run continue another's stream). A batch
     is [accum, batch, seq_len] arrays: those of `data.Batcher` plus `documents` (0 =
     padding, 1, 2, ... the examples of a row), which the model's forward turns into
     per-document attention and positions.
@@ -118,16 +119,16 @@ class PackedBatcher:
     """
 
     def __init__(self, encoded: list, *, batch_size: int, seq_len: int, seed: int = 0,
-                 accum: int = 1, pad_id: int = 0):
+                 accum: int = 1, pad_id: int = 0, first_step: int = 0):
         if not encoded:
             raise ValueError("no examples to batch")
         if not any(len(ids) >= 2 for ids, _ in encoded):
             raise ValueError("every example has fewer than 2 tokens: nothing to predict")
-        if seq_len < 1 or batch_size < 1 or accum < 1:
-            raise ValueError(f"need seq_len, batch_size and accum >= 1, got {seq_len}, "
-                             f"{batch_size}, {accum}")
+        if seq_len < 1 or batch_size < 1 or accum < 1 or first_step < 0:
+            raise ValueError(f"need seq_len, batch_size and accum >= 1 and first_step >= 0, "
+                             f"got {seq_len}, {batch_size}, {accum}, {first_step}")
         self.encoded, self.batch_size, self.seq_len = encoded, batch_size, seq_len
-        self.seed, self.accum, self.pad_id = seed, accum, pad_id
+        self.seed, self.accum, self.pad_id, self.first_step = seed, accum, pad_id, first_step
         self._epoch_start = [0]  # first stream row of epochs 0, 1, ... (known so far)
         self._rows: dict[int, list[list[int]]] = {}  # the last two epochs packed
         self.capacity = supervised_capacity(encoded, seq_len)
@@ -158,8 +159,8 @@ class PackedBatcher:
     def members(self, step: int, rows=None) -> list[list[int]]:
         """Example indices of each row of the step, micro-batch major ([accum * len(rows)]
         lists); `rows` as in `batch`."""
-        k = self.rows_per_step
-        picked = np.arange(step * k, (step + 1) * k).reshape(self.accum, self.batch_size)
+        k, at = self.rows_per_step, self.first_step + step
+        picked = np.arange(at * k, (at + 1) * k).reshape(self.accum, self.batch_size)
         if rows is not None:
             picked = picked[:, np.asarray(rows)]
         out = []

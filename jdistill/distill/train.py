@@ -494,6 +494,7 @@ def run_settings(cfg: DistillConfig, batcher, student) -> dict:
             "batches": {"kind": type(batcher).__name__, "batch_size": batcher.batch_size,
                         "accum": batcher.accum, "seq_len": batcher.seq_len,
                         "seed": getattr(batcher, "seed", None),
+                        "first_step": getattr(batcher, "first_step", 0),
                         "examples": len(getattr(batcher, "encoded", ()))},
             "student": {"params": student.config.num_params()}}
 

@@ -263,7 +263,7 @@ class Runner:
             model=self.teacher() if formats.get(fmt).with_trace else None, log=self.log)
 
     def _train(self, student, teacher, records, cfg, workdir, *, with_reasoning: bool,
-               writer=None):
+               writer=None, first_step: int = 0):
         tok = data.load_tokenizer(student.source_path)
         encoded = supervision.encode_records(tok, records, student.config,
                                              with_reasoning=with_reasoning)
@@ -275,7 +275,8 @@ class Runner:
         # packed rows: task examples are a fraction of seq_len, and packing computes each
         # exactly as alone (packing.py), so a step sees more examples for the same FLOPs
         batcher = packing.PackedBatcher(encoded, batch_size=self.s.batch_size,
-                                        seq_len=self.s.seq_len, seed=cfg.seed, pad_id=pad)
+                                        seq_len=self.s.seq_len, seed=cfg.seed, pad_id=pad,
+                                        first_step=first_step)
         # a run of a few minutes is cheaper to redo than to checkpoint (~1 GB per save)
         every = 0 if cfg.steps < SHORT_RUN_STEPS else max(10, cfg.steps // 4)
         return train.train(student, teacher, batcher, cfg, workdir=workdir, mesh=self.mesh,
@@ -290,11 +291,13 @@ class Runner:
             warmup_steps=min(self.s.warmup_steps, steps - 1),
             lora_rank=self.s.lora_rank if lora else 0, lora_alpha=self.s.lora_alpha)
 
-    def distill(self, cell: sweep.Cell, student, records, workdir, steps: int, writer=None):
+    def distill(self, cell: sweep.Cell, student, records, workdir, steps: int, writer=None,
+                first_step: int = 0):
         cfg = self.distill_config(cell, steps)
         teacher = self.teacher() if cfg.needs_teacher else None
         return self._train(student, teacher, records, cfg, workdir,
-                           with_reasoning=formats.get(cell.format).with_trace, writer=writer)
+                           with_reasoning=formats.get(cell.format).with_trace, writer=writer,
+                           first_step=first_step)
 
     def student_for(self, cell: sweep.Cell, records, workdir: Path, writer=None):
         """(trained student, train seconds, tokens seen, final train metrics, throughput)
@@ -319,7 +322,7 @@ class Runner:
         return sweep.stage_key(teacher=self._identity(self.teacher_dir()),
                                chain=cell.chain[:k], format=cell.format, method=cell.method,
                                examples=cell.examples, seed=cell.seed, task=self.s.task,
-                               settings=train_settings)
+                               settings=train_settings, stream="continued")
 
     def chain_step(self, cell: sweep.Cell, k: int, records, workdir: Path, writer=None) -> Path:
         """The stage directory of step k of `cell`'s chain: step k-1's recovered student (the
@@ -343,9 +346,12 @@ class Runner:
             model = self.prune_to(model, relative, model_key)
             self.log(f"[prune] chain step {k}/{len(cell.chain)}: ratio {target:.3g} -> "
                      f"{model.config.num_params():,} params")
-            # one curve along the chain: each recovery continues the previous one's steps
+            # one curve and one batch stream along the chain: each recovery continues the
+            # previous one's steps and examples (as one-shot's single run does), rather than
+            # seeing the stream's first batches again
+            done = self.s.steps * (k - 1)
             r = self.distill(cell, model, records, workdir / f"chain{k}", self.s.steps,
-                             writer and writer.shifted(self.s.steps * (k - 1)))
+                             writer and writer.shifted(done), first_step=done)
             jdistill.save_pretrained(r.student, tmp / "model")
             results.atomic_write_json(tmp / "recovery.json", {
                 "ratio": target, "step": k, "seconds": r.seconds, "tokens": r.tokens_seen,

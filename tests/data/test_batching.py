@@ -88,6 +88,10 @@ def test_packed_batches_are_a_pure_function_of_seed_and_step():
             assert again[k].shape == (2, 3, 16)
     other = packing.PackedBatcher(enc, **{**kw, "seed": 8})
     assert not all(np.array_equal(other.batch(s)["tokens"], seen[s]["tokens"]) for s in range(3))
+    # a run that continues another's stream from step 4 sees its steps 4, 5, ...
+    later = packing.PackedBatcher(enc, **kw, first_step=4)
+    for step in (0, 3, 7):
+        np.testing.assert_array_equal(later.batch(step)["tokens"], seen[4 + step]["tokens"])
     # one process's rows are those rows of the whole batch
     for rows in ([0, 2], [1]):
         part = packing.PackedBatcher(enc, **kw).batch(9, rows=rows)
@@ -122,6 +126,8 @@ def test_packed_batcher_explains_bad_input():
         packing.PackedBatcher([], batch_size=1, seq_len=8)
     with pytest.raises(ValueError, match="nothing to predict"):
         packing.PackedBatcher([(np.array([3]), np.array([2]))], batch_size=1, seq_len=8)
+    with pytest.raises(ValueError, match="first_step >= 0"):
+        packing.PackedBatcher(_many(), batch_size=1, seq_len=8, first_step=-1)
 
 
 def test_supervised_positions_are_exactly_the_supervised_targets_within_capacity():

@@ -46,8 +46,16 @@ def study(tmp_path_factory):
     return runner.Runner(s, root / "cache", log=logs.append), logs, root
 
 
-def test_chain_rows_share_cached_steps_and_one_shot_trains_as_long(study):
+def test_chain_rows_share_cached_steps_and_one_shot_trains_as_long(study, monkeypatch):
     r, logs, root = study
+    batchers = []  # every recovery's batch stream, in build order
+
+    class Recorded(runner.packing.PackedBatcher):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            batchers.append(self)
+
+    monkeypatch.setattr(runner.packing, "PackedBatcher", Recorded)
     g = sweep.Grid(ratios=(1.5, 2.0), formats=("label",), methods=("full",),
                    schedules=("iterative", "one_shot"), examples=(16,), design="star",
                    contrast_ratios=(2.0,))
@@ -66,6 +74,13 @@ def test_chain_rows_share_cached_steps_and_one_shot_trains_as_long(study):
     assert second["train_seconds"] > first["train_seconds"]
     one = r.run_cell(cells["one_shot", 2.0], root / "cells" / "c")
     assert one["data"]["tokens_seen"] == second["data"]["tokens_seen"]  # equal compute
+    # the chain's second recovery continues the first's batch stream: it sees the examples
+    # one-shot's single run sees in its second half, not the first batches again
+    step1, step2, single = batchers
+    assert (step1.first_step, step2.first_step, single.first_step) == (0, 2, 0)
+    for s in range(2):
+        assert step1.members(s) == single.members(s)
+        assert step2.members(s) == single.members(2 + s) != step1.members(s)
     for row in (first, second, one):
         m = row["metrics"]
         assert m["in_domain_scoring"] == "direct" and m["in_domain_n"] == 8
