@@ -25,21 +25,21 @@ from jdistill import checkpoints
 from jdistill.data import batching as packing
 from jdistill.data import io as data
 from jdistill.distill import formats, supervision, train
-from jdistill.utils import files as results
+from jdistill.utils import files
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory or .gguf of the teacher")
 DATA = flags.DEFINE_string("data", None, "task records (.jsonl: prompt, answer[, reasoning])")
 OUT = flags.DEFINE_string("out", None, "output directory for the corrected teacher")
 FORMAT = flags.DEFINE_enum("format", "label", ["label", "cot"], "supervision: CE on the answer "
                            "(label) or on reasoning + answer (cot)")
-STEPS = flags.DEFINE_integer("steps", 100, "optimizer steps")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "packed rows per step (several short "
                                   "examples share a row; each computes as alone)")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "tokens per sequence")
-LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-5, "peak learning rate")
-WARMUP = flags.DEFINE_integer("warmup_steps", 10, "linear warm-up steps")
-LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank (0: full fine-tuning)")
-SEED = flags.DEFINE_integer("seed", 0, "data order seed")
+# the optimisation's flags are DistillConfig's (their help lives there), but the format and
+# the KL terms': a correction is cross-entropy on the task alone
+CONFIG = common.define_config_flags(
+    train.DistillConfig, skip=("format", "kind", "temperature", "beta", "lam"),
+    defaults={"steps": 100, "learning_rate": 2e-5, "warmup_steps": 10})
 flags.mark_flags_as_required(["teacher", "data", "out"])
 
 
@@ -55,18 +55,15 @@ def main(argv):
     mesh = common.setup()
     out = cli.output_dir(OUT.value)
     teacher_dir = checkpoints.resolve(TEACHER.value)
-    settings = {"format": FORMAT.value, "steps": STEPS.value, "batch_size": BATCH_SIZE.value,
-                "seq_len": SEQ_LEN.value, "learning_rate": LEARNING_RATE.value,
-                "warmup_steps": WARMUP.value, "lora_rank": LORA_RANK.value, "seed": SEED.value,
-                "packed": True}
+    optimisation = common.config_values(CONFIG)
+    settings = {"format": FORMAT.value, **optimisation, "batch_size": BATCH_SIZE.value,
+                "seq_len": SEQ_LEN.value, "packed": True}
     key = correction_key(teacher_dir, Path(DATA.value), settings)
     done = out / "correction.json"
     if done.exists() and json.loads(done.read_text()).get("key") == key:
         print(f"cached: {out} is this teacher corrected on these data and settings")
         return
-    cfg = train.DistillConfig(steps=STEPS.value, format=FORMAT.value,
-                              learning_rate=LEARNING_RATE.value, warmup_steps=WARMUP.value,
-                              lora_rank=LORA_RANK.value, seed=SEED.value)
+    cfg = train.DistillConfig(format=FORMAT.value, **optimisation)
     model = jdistill.load_pretrained(teacher_dir, mesh=mesh)
     tokenizer = data.load_tokenizer(teacher_dir)
     records = data.read_examples(DATA.value)
@@ -74,13 +71,13 @@ def main(argv):
                                          with_reasoning=formats.get(FORMAT.value).with_trace)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     batcher = packing.PackedBatcher(encoded, batch_size=BATCH_SIZE.value,
-                                    seq_len=SEQ_LEN.value, seed=SEED.value, pad_id=pad)
+                                    seq_len=SEQ_LEN.value, seed=cfg.seed, pad_id=pad)
     workdir = Path(f"{out}.run-{key[:12]}")  # a resumable run per input key
     result = train.train(model, None, batcher, cfg, workdir=workdir, mesh=mesh)
     if jax.process_index() == 0:
         jdistill.save_pretrained(result.student, out)
-        results.atomic_write_json(done, {
-            **results.run_metadata(), "key": key, "teacher": str(teacher_dir),
+        files.atomic_write_json(done, {
+            **files.run_metadata(), "key": key, "teacher": str(teacher_dir),
             "data": DATA.value, "examples": len(records), "settings": settings,
             "final_metrics": result.final_metrics, "seconds": result.seconds})
     print(f"corrected teacher written to {out} ({result.steps_run} steps, "

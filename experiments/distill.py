@@ -29,7 +29,7 @@ from jdistill.data import io as data
 from jdistill.distill import formats, losses, supervision, train
 from jdistill.models.config import load_hf_config
 from jdistill.study import rows
-from jdistill.utils import files as results
+from jdistill.utils import files
 from jdistill.utils import tracking
 
 TEACHER = flags.DEFINE_string("teacher", None, "HF checkpoint directory (or .gguf) of the teacher")
@@ -144,9 +144,9 @@ def main(argv):
         row = results_row(cfg, result, n_s, teacher_params, len(records))
         writer.summary(row["metrics"])
     if jax.process_index() == 0:
-        results.append_row(workdir / "results.jsonl", row)
+        files.append_row(workdir / "results.jsonl", row)
         if RESULTS.value:
-            results.append_row(RESULTS.value, row)
+            files.append_row(RESULTS.value, row)
     print(f"trained {result.steps_run} steps in {result.seconds:.1f}s "
           f"(final loss {result.final_metrics.get('loss', float('nan')):.4f}); wrote {out}")
 

@@ -32,7 +32,7 @@ from jdistill.data import tasks
 from jdistill.eval import benchmarks as bench
 from jdistill.eval import classify, metrics
 from jdistill.eval import scoring as evaluate
-from jdistill.utils import files as results
+from jdistill.utils import files
 from jdistill.utils import tracking
 
 MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory or a llama.cpp .gguf file")
@@ -128,7 +128,7 @@ def write_in_domain(out_dir, task, examples, r, preds, outputs) -> dict:
                          "pred": task.label_names[p] if p >= 0 else None,
                          **({"output": outputs[i]} if outputs else {})}, ensure_ascii=False)
              for i, ((t, y), p) in enumerate(zip(examples, preds))]
-    paths["predictions"] = str(results.atomic_write(
+    paths["predictions"] = str(files.atomic_write(
         Path(out_dir) / f"predictions_{stem}.jsonl", "\n".join(lines) + "\n"))
     return paths
 
@@ -247,7 +247,7 @@ def main(argv):
     if task is not None and sharding.is_writer():  # every process has the same metrics
         paths = write_in_domain(out_dir, task, examples, *scored)
     row = {
-        **results.run_metadata(), "main": "evaluate",
+        **files.run_metadata(), "main": "evaluate",
         "model": {"path": MODEL.value, "params": c.num_params(), "dtype": model.dtype.name,
                   "dims": {"hidden": c.hidden_size, "ffn": c.intermediate_size,
                            "heads": c.num_heads, "kv_heads": c.num_kv_heads,
@@ -260,7 +260,7 @@ def main(argv):
         "wall_time_s": time.perf_counter() - start,
     }
     if sharding.is_writer():
-        results.append_row(out_dir / "results.jsonl", row)
+        files.append_row(out_dir / "results.jsonl", row)
         print(table(row))
     with tracking.open_writer(common.LOGGERS.value, logdir=out_dir / "tensorboard",
                               run=out_dir.resolve().name,

@@ -24,7 +24,7 @@ from absl import app, flags
 
 from experiments import cli
 from jdistill import scaling as sc
-from jdistill.utils import files as results
+from jdistill.utils import files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "Results JSONL (one row a line) or CSV with a header.")
@@ -112,7 +112,7 @@ def plots(law, result, boot, x, y, out: Path, ylabel: str = "y") -> list[str]:
     pred = sc.predict(law, result.theta, x)
     kept = np.ones(y.size, dtype=bool)
     kept[list(result.excluded)] = False
-    files = []
+    written = []
 
     # Data with fitted curves and bootstrap bands along the first x, others at quantiles.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -174,9 +174,9 @@ def plots(law, result, boot, x, y, out: Path, ylabel: str = "y") -> list[str]:
     ax.set_xlabel("predicted")
     ax.set_ylabel("observed")
     ax.set_title("observed vs predicted")
-    results.atomic_write(out / "fit.png", _fig_bytes(fig))
+    files.atomic_write(out / "fit.png", _fig_bytes(fig))
     plt.close(fig)
-    files.append("fit.png")
+    written.append("fit.png")
 
     # Residuals against each input and against the prediction.
     r = sc.residuals(law, x, y, result.theta, result.residual_kind)
@@ -191,9 +191,9 @@ def plots(law, result, boot, x, y, out: Path, ylabel: str = "y") -> list[str]:
             ax.set_xscale("log")
         ax.set_xlabel(n)
     axes[0].set_ylabel(f"{result.residual_kind} residual (dotted: +-delta)")
-    results.atomic_write(out / "residuals.png", _fig_bytes(fig))
+    files.atomic_write(out / "residuals.png", _fig_bytes(fig))
     plt.close(fig)
-    files.append("residuals.png")
+    written.append("residuals.png")
 
     # Iso-quality contours for laws with exactly two continuous inputs.
     if len(names) == 2:
@@ -220,10 +220,10 @@ def plots(law, result, boot, x, y, out: Path, ylabel: str = "y") -> list[str]:
         ax.set_title(f"{law.name}: iso-y contours of the fit" +
                      (" (group 0)" if "group" in x else ""))
         ax.legend(fontsize=7)
-        results.atomic_write(out / "contours.png", _fig_bytes(fig))
+        files.atomic_write(out / "contours.png", _fig_bytes(fig))
         plt.close(fig)
-        files.append("contours.png")
-    return files
+        written.append("contours.png")
+    return written
 
 
 def markdown(report: dict) -> str:
@@ -307,14 +307,14 @@ def run(argv_unused=None) -> dict:
                 lo, hi = boot.predict_interval(px)
                 entry["interval"] = [float(lo[0]), float(hi[0])]
             predictions.append(entry)
-    files = plots(law, result, boot, x, y, out, ylabel=str(prov.get("y", "y")))
+    plot_names = plots(law, result, boot, x, y, out, ylabel=str(prov.get("y", "y")))
     report = {
         "law": law.name, "formula": law.formula, "columns": prov,
         "params": result.params, "derived": law.derived_values(result.theta),
         "intervals": boot.intervals() if boot is not None else {},
         "internal_params": dict(zip(law.param_names, map(float, result.theta))),
         "objective": result.objective, "diagnostics": diag, "comparison": comparison,
-        "predictions": predictions, "plots": files,
+        "predictions": predictions, "plots": plot_names,
         "settings": {"data": str(FLAGS.data), "preset": FLAGS.preset, "delta": FLAGS.delta,
                      "residuals": result.residual_kind, "loss": "summed Huber",
                      "optimizer": "L-BFGS-B, analytic gradient" if law.jac else
@@ -326,8 +326,8 @@ def run(argv_unused=None) -> dict:
                      "outlier_mad": FLAGS.outlier_mad, "drop_nonfinite": FLAGS.drop_nonfinite,
                      "holdout_frac": FLAGS.holdout_frac, "wall_s": round(time.time() - t0, 3)},
     }
-    results.atomic_write(out / "fit.json", json.dumps(report, indent=2, default=_json_default))
-    results.atomic_write(out / "fit.md", markdown(report))
+    files.atomic_write(out / "fit.json", json.dumps(report, indent=2, default=_json_default))
+    files.atomic_write(out / "fit.md", markdown(report))
     return report
 
 

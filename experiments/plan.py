@@ -18,7 +18,7 @@ from absl import app, flags
 
 from experiments import cli
 from jdistill import study as sd
-from jdistill.utils import files as results
+from jdistill.utils import files
 
 FLAGS = flags.FLAGS
 
@@ -57,7 +57,7 @@ def main(argv):
                 formats=FLAGS.formats, conservative=FLAGS.conservative)
     if FLAGS.out:
         out = Path(FLAGS.out)
-        results.atomic_write(out, json.dumps(p, indent=1))
+        files.atomic_write(out, json.dumps(p, indent=1))
     print(sd.plan_text(p))
 
 

@@ -19,7 +19,7 @@ from experiments import flags as common
 from jdistill import pruning, sharding
 from jdistill.data import io as data
 from jdistill.pruning import report
-from jdistill.utils import files as results
+from jdistill.utils import files
 
 MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory of the model to prune")
 OUT = flags.DEFINE_string("out", None, "output directory for the pruned checkpoint")
@@ -149,7 +149,7 @@ def main(argv):
                         "seq_len": SEQ_LEN.value, "tokens": n_tokens},
         "steps": steps, "seconds": time.perf_counter() - start,
     }
-    results.atomic_write_json(out / "pruning_report.json", result)
+    files.atomic_write_json(out / "pruning_report.json", result)
     print(f"pruned {teacher_params:,} -> {student.config.num_params():,} params "
           f"(compression {result['compression_ratio']:.3f}) in {result['seconds']:.1f}s; "
           f"wrote {out}")

@@ -44,7 +44,7 @@ import numpy as np
 
 # the one tabular reader for every file is data.io's
 from jdistill.data.io import READERS, TEXT_COLUMNS, data_file, format_suffix, read_rows
-from jdistill.utils import files as results
+from jdistill.utils import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,17 +199,17 @@ def task_from_file(path, label_names=None, *, split: str = "test", name: str | N
         all the files (integer labels then need names: an error says so).
       text_field: None = `text`, else `headline`.
     """
-    files = {split: path} if isinstance(path, (str, Path)) else dict(path)
-    if not files:
+    paths = {split: path} if isinstance(path, (str, Path)) else dict(path)
+    if not paths:
         raise ValueError("task_from_file: no files given")
     if label_names is None:
-        label_names = infer_label_names(files.values(), label_field)
-    first = Path(next(iter(files.values())))
+        label_names = infer_label_names(paths.values(), label_field)
+    first = Path(next(iter(paths.values())))
     return TaskSpec(
-        name=name or first.stem, splits={s: SplitFile(str(p)) for s, p in files.items()},
+        name=name or first.stem, splits={s: SplitFile(str(p)) for s, p in paths.items()},
         label_names=tuple(label_names), text_field=text_field, label_field=label_field,
         template=template or TaskSpec.template, answer_prefix=answer_prefix,
-        description=f"user file(s) {sorted(str(p) for p in files.values())}")
+        description=f"user file(s) {sorted(str(p) for p in paths.values())}")
 
 
 def infer_label_names(paths, label_field: str = "label") -> tuple:
@@ -454,7 +454,7 @@ def to_records(task: TaskSpec, examples: list) -> list[dict]:
 def write_records(path, records: list[dict]) -> Path:
     """Writes records as JSONL atomically (temp file + rename)."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    return results.atomic_write(path, text)
+    return files.atomic_write(path, text)
 
 
 # ------------------------------------------------------------------ label names in text

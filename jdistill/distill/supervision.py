@@ -50,7 +50,7 @@ from jdistill import sharding
 from jdistill.data import io as data
 from jdistill.models.decoder import stacked_layers
 from jdistill.models.generate import eos_ids, generate
-from jdistill.utils import files as results
+from jdistill.utils import files
 
 DEFAULT_RECIPE = "{prompt}\nThink step by step, then give the label.\n"
 TOPK_FORMAT = "jdistill-topk-v1"
@@ -189,11 +189,11 @@ def write_traces(path, records: list[dict], settings: TraceSettings, *, key: str
     beside it, STEM.meta.json with the settings, model and cache key. Both atomically; the
     metadata goes last, so it marks a complete file."""
     path = Path(path)
-    results.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+    files.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                        for r in records))
     meta = {"format": TRACE_FORMAT, "key": key, "model": model, "count": len(records),
             "settings": dataclasses.asdict(settings)}
-    results.atomic_write(_meta_path(path), json.dumps(meta, indent=2))
+    files.atomic_write(_meta_path(path), json.dumps(meta, indent=2))
     return path
 
 
@@ -203,10 +203,10 @@ def model_identity(model_path) -> dict:
     path = Path(model_path).absolute()
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
-    files = sorted(p for p in ([path] if path.is_file() else path.iterdir())
+    parts = sorted(p for p in ([path] if path.is_file() else path.iterdir())
                    if p.suffix in (".json", ".safetensors", ".gguf", ".model"))
     return {"path": str(path),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in parts]}
 
 
 def trace_key(model_path, prompts: list[str], settings: TraceSettings) -> str:
@@ -429,7 +429,7 @@ def save_topk(path, cache: TopkCache) -> Path:
                "offsets": np.ascontiguousarray(cache.offsets, np.int64),
                "starts": np.ascontiguousarray(cache.starts, np.int64)}
     metadata = {"jdistill": json.dumps(meta)}  # safetensors metadata is str -> str
-    results.atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    files.atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

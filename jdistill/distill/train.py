@@ -35,7 +35,7 @@ from jdistill.models import flops as flops_lib
 from jdistill.models import lora as lora_lib
 from jdistill.models.config import ModelConfig
 from jdistill.models.decoder import REMAT_POLICIES, Decoder, stack_trees
-from jdistill.utils import files as results
+from jdistill.utils import files
 from jdistill.utils import tracking
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -352,7 +352,7 @@ def train(student: Decoder, teacher: Decoder | None, batcher, cfg: DistillConfig
     step_fn = jax.jit(make_step(s_graphdef, t_graphdef, cfg), donate_argnums=0,
                       out_shardings=(state_sh, replicated))
     if manager is not None and sharding_lib.is_writer():
-        results.atomic_write(workdir / SETTINGS_FILE, json.dumps(settings, indent=1))
+        files.atomic_write(workdir / SETTINGS_FILE, json.dumps(settings, indent=1))
     if jax.process_count() > 1:
         log(f"process {jax.process_index()} of {jax.process_count()} loads batch rows "
             f"{_spans(rows)} of {batcher.batch_size} per micro-batch")
@@ -620,5 +620,5 @@ def _truncate_metrics(path: Path, step: int):
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
-    results.atomic_write(path, "".join(line + "\n" for line in keep))
+    files.atomic_write(path, "".join(line + "\n" for line in keep))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jdistill.utils import files as results
+from jdistill.utils import files
 
 
 def mean_stderr(values) -> float:
@@ -110,12 +110,12 @@ def save_confusion(cm: np.ndarray, label_names, out_dir, stem: str = "confusion"
     out_dir = Path(out_dir)
     paths = {"json": out_dir / f"{stem}.json", "npy": out_dir / f"{stem}.npy",
              "png": out_dir / f"{stem}.png"}
-    results.atomic_write(paths["json"], json.dumps(
+    files.atomic_write(paths["json"], json.dumps(
         {"labels": list(label_names), "rows": "true label", "columns": "predicted label",
          "counts": cm.tolist()}, indent=1))
     buf = io.BytesIO()
     np.save(buf, cm)
-    results.atomic_write(paths["npy"], buf.getvalue())
+    files.atomic_write(paths["npy"], buf.getvalue())
     k = len(label_names)
     size = max(6.0, 0.35 * k + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -133,5 +133,5 @@ def save_confusion(cm: np.ndarray, label_names, out_dir, stem: str = "confusion"
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    results.atomic_write(paths["png"], buf.getvalue())
+    files.atomic_write(paths["png"], buf.getvalue())
     return {k: str(v) for k, v in paths.items()}

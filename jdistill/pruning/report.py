@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jdistill.utils import files as results
+from jdistill.utils import files
 
 
 def save_scores(path, scores: dict) -> None:
@@ -13,7 +13,7 @@ def save_scores(path, scores: dict) -> None:
         with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
             np.savez(f, **{k: np.asarray(v) for k, v in scores.items()})
 
-    results.atomic_write_with(path, write)
+    files.atomic_write_with(path, write)
 
 
 def load_scores(path) -> dict:
@@ -53,7 +53,7 @@ def plot_scores(scores: dict, path, title: str = "importance") -> None:
     axes[1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
-    results.atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    files.atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from jdistill.study.analysis import Analysis, at_least_chance
 from jdistill.study.findings import summary as findings_summary
 from jdistill.study.statistics import Z
-from jdistill.utils import files as results
+from jdistill.utils import files
 
 
 def write_report(an: Analysis, results_path, out_dir) -> Path:
@@ -30,12 +30,12 @@ def write_report(an: Analysis, results_path, out_dir) -> Path:
     rows = [json.loads(line) for line in Path(results_path).read_text().splitlines()
             if line.strip()]
     plots = render_plots(an, out)
-    summary = results.portable_paths({**findings_summary(an), "plots": plots})
-    results.atomic_write(out / "fits.json", json.dumps(summary, indent=1))
-    results.atomic_write(out / "results.jsonl", "".join(
-        json.dumps(results.portable_paths(r)) + "\n" for r in rows))
+    summary = files.portable_paths({**findings_summary(an), "plots": plots})
+    files.atomic_write(out / "fits.json", json.dumps(summary, indent=1))
+    files.atomic_write(out / "results.jsonl", "".join(
+        json.dumps(files.portable_paths(r)) + "\n" for r in rows))
     path = out / "report.md"
-    results.atomic_write(path, markdown(an, summary, plots, source="results.jsonl"))
+    files.atomic_write(path, markdown(an, summary, plots, source="results.jsonl"))
     return path
 
 
@@ -62,7 +62,7 @@ def render_plots(an: Analysis, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    written = []
     metrics = [("in_domain_accuracy", "in_domain_error", "in_domain.png",
                 "in-domain accuracy", an.study.in_domain_chance)]
     if an.study.has_general:
@@ -81,9 +81,9 @@ def render_plots(an: Analysis, out: Path) -> list[str]:
             ax.set_xlabel("compression ratio r (teacher / student params)")
         axes[0][0].set_ylabel(label)
         axes[0][-1].legend(fontsize=7, loc="best")
-        results.atomic_write(out / name, _png(fig))
+        files.atomic_write(out / name, _png(fig))
         plt.close(fig)
-        files.append(name)
+        written.append(name)
     comp = [(f, p) for f in an.findings if f["id"] != "smooth_degradation"
             for p in f["parts"] if "mean" in p and "stderr" in p and p.get("n")]
     if comp:
@@ -103,10 +103,10 @@ def render_plots(an: Analysis, out: Path) -> list[str]:
         ax.invert_yaxis()
         ax.set_xlabel(f"mean paired difference (bars: +-{Z:g} stderr)")
         ax.set_title("matched-cell comparisons")
-        results.atomic_write(out / "comparisons.png", _png(fig))
+        files.atomic_write(out / "comparisons.png", _png(fig))
         plt.close(fig)
-        files.append("comparisons.png")
-    return files
+        written.append("comparisons.png")
+    return written
 
 
 def _panel(ax, an, fmt, metric, cf, teacher, chance):

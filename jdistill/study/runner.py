@@ -31,7 +31,7 @@ from jdistill.distill import formats, records, supervision, train
 from jdistill.eval import benchmarks, classify
 from jdistill.pruning import report as prune_report
 from jdistill.study import rows, sweep
-from jdistill.utils import files as results
+from jdistill.utils import files
 from jdistill.utils import tracking
 from jdistill.utils.progress import fmt_time
 
@@ -96,14 +96,14 @@ def load_task(spec: str, train_split: str, eval_split: str) -> tasks.TaskSpec:
     one to evaluate)."""
     if "=" in spec:
         try:
-            files = dict(kv.split("=", 1) for kv in spec.split(","))
+            paths = dict(kv.split("=", 1) for kv in spec.split(","))
         except ValueError:
-            files = {}
-        if set(files) != {train_split, eval_split}:
+            paths = {}
+        if set(paths) != {train_split, eval_split}:
             raise ValueError(f"task {spec!r}: name both splits of your data, e.g. "
                              f"{train_split}=train.csv,{eval_split}=test.csv (text/headline + "
                              "label columns)")
-        return tasks.task_from_file(files, name=Path(files[train_split]).stem)
+        return tasks.task_from_file(paths, name=Path(paths[train_split]).stem)
     task = tasks.get_task(spec)
     missing = [s for s in (train_split, eval_split) if s not in task.splits]
     if missing:
@@ -174,7 +174,7 @@ class Runner:
             run_dir = self.cache / f"teacher-{key[:16]}.run"
             result = self._train(model, None, records, cfg, run_dir, with_reasoning=False)
             jdistill.save_pretrained(result.student, tmp / "model")
-            results.atomic_write_json(tmp / "correction.json", {
+            files.atomic_write_json(tmp / "correction.json", {
                 "teacher": str(original), "examples": len(examples), "settings": settings,
                 "final_metrics": result.final_metrics, "seconds": result.seconds})
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -353,7 +353,7 @@ class Runner:
             r = self.distill(cell, model, records, workdir / f"chain{k}", self.s.steps,
                              writer and writer.shifted(done), first_step=done)
             jdistill.save_pretrained(r.student, tmp / "model")
-            results.atomic_write_json(tmp / "recovery.json", {
+            files.atomic_write_json(tmp / "recovery.json", {
                 "ratio": target, "step": k, "seconds": r.seconds, "tokens": r.tokens_seen,
                 "chain_seconds": before["chain_seconds"] + r.seconds,
                 "chain_tokens": before["chain_tokens"] + r.tokens_seen,
@@ -422,7 +422,7 @@ class Runner:
         def build(tmp):
             model = self._load(t_dir)
             label = "teacher" if corrected else "original teacher"
-            results.atomic_write_json(tmp / "metrics.json", {
+            files.atomic_write_json(tmp / "metrics.json", {
                 "params": model.config.num_params(), "metrics": self.evaluate(model, label)})
 
         done = json.loads((sweep.cached_stage(self.cache, "teacher_eval", key, build, self.log)

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from jdistill.distill import formats
-from jdistill.utils import files as results
+from jdistill.utils import files
 
 METHODS = ("full", "lora")
 SCHEDULES = ("one_shot", "iterative")
@@ -268,7 +268,7 @@ def is_done(out_dir, cell_id: str) -> bool:
 
 def write_row(out_dir, cell_id: str, row: dict) -> Path:
     """A cell's row, all or nothing: a killed write leaves no file, so the cell reruns."""
-    return results.atomic_write(row_file(out_dir, cell_id), json.dumps(row) + "\n")
+    return files.atomic_write(row_file(out_dir, cell_id), json.dumps(row) + "\n")
 
 
 def merge_rows(out_dir) -> tuple[Path, int]:
@@ -282,7 +282,7 @@ def merge_rows(out_dir) -> tuple[Path, int]:
                 raise ValueError(f"{f}: not a JSON row ({e}); delete the file to rerun its "
                                  "cell") from None
             lines.append(line)
-    path = results.atomic_write(Path(out_dir) / "results.jsonl",
+    path = files.atomic_write(Path(out_dir) / "results.jsonl",
                              "".join(line + "\n" for line in lines))
     return path, len(lines)
 
@@ -336,4 +336,4 @@ def check_out_dir(out: Path, grid: Grid, settings: dict) -> None:
                               json.dumps(spec["settings"][k])))
             raise ValueError(f"{out} holds a sweep with other settings ({diff}); its rows "
                              "would not be comparable. Use another --out, or delete it.")
-    results.atomic_write(path, json.dumps(spec, indent=1))
+    files.atomic_write(path, json.dumps(spec, indent=1))
