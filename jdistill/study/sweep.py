@@ -164,8 +164,8 @@ PRESETS = {
                   contrast_ratios=(2.0,)),
     # the study (issue 18): the chain for label and blended, full and LoRA, and (label only)
     # one-shot pruning and a 4x smaller data set as contrasts at 58 %; 18 rows a seed,
-    # about an hour a seed on a 2-core CPU (run seeds as `--seeds=0`, then `--seeds=0,1`...:
-    # finished rows are kept)
+    # about 47 min a seed on a 2-core CPU, 2.65 h in all (run seeds as `--seeds=0`, then
+    # `--seeds=0,1`...: finished rows are kept)
     "study": Grid(ratios=PAPER_RATIOS, formats=("label", "blended"), methods=("full", "lora"),
                   schedules=("iterative", "one_shot"), examples=(512, 128), seeds=(0, 1, 2),
                   design="star", contrast_ratios=(PAPER_RATIOS[1],),
