@@ -190,7 +190,7 @@ def write_traces(path, records: list[dict], settings: TraceSettings, *, key: str
     metadata goes last, so it marks a complete file."""
     path = Path(path)
     files.atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                       for r in records))
+                                     for r in records))
     meta = {"format": TRACE_FORMAT, "key": key, "model": model, "count": len(records),
             "settings": dataclasses.asdict(settings)}
     files.atomic_write(_meta_path(path), json.dumps(meta, indent=2))

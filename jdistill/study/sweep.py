@@ -283,7 +283,7 @@ def merge_rows(out_dir) -> tuple[Path, int]:
                                  "cell") from None
             lines.append(line)
     path = files.atomic_write(Path(out_dir) / "results.jsonl",
-                             "".join(line + "\n" for line in lines))
+                              "".join(line + "\n" for line in lines))
     return path, len(lines)
 
 
