@@ -56,8 +56,9 @@ def main(argv):
     out = cli.output_dir(OUT.value)
     teacher_dir = checkpoints.resolve(TEACHER.value)
     optimisation = common.config_values(CONFIG)
-    settings = {"format": FORMAT.value, **optimisation, "batch_size": BATCH_SIZE.value,
-                "seq_len": SEQ_LEN.value, "packed": True}
+    # remat trades memory for compute, not results: changing it must not retrain
+    settings = {"format": FORMAT.value, **{k: v for k, v in optimisation.items() if k != "remat"},
+                "batch_size": BATCH_SIZE.value, "seq_len": SEQ_LEN.value, "packed": True}
     key = correction_key(teacher_dir, Path(DATA.value), settings)
     done = out / "correction.json"
     if done.exists() and json.loads(done.read_text()).get("key") == key:

@@ -41,6 +41,9 @@ def test_correction_fits_the_task_and_is_cached(tmp_path):
     assert after < 0.3 * before  # the corrected teacher predicts the task's labels
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "cached" in again.stdout
+    rematerialised = subprocess.run(cmd + ["--remat=full"], env=env, capture_output=True,
+                                    text=True)  # memory, not results: no retraining
+    assert rematerialised.returncode == 0 and "cached" in rematerialised.stdout
     changed = subprocess.run(cmd[:-4] + ["--steps=2"] + cmd[-3:], env=env, capture_output=True,
                              text=True)
     assert changed.returncode == 0 and "cached" not in changed.stdout
