@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from jdistill.study import sweep
+from jdistill.data import tasks
+from jdistill.eval import benchmarks
+from jdistill.study import runner, sweep
 from tests.hf_models import make_hf_model, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +25,20 @@ def test_demo_is_one_chain_per_format_at_the_papers_ratios():
         assert [c.ratio for c in chain] == list(sweep.PAPER_RATIOS)
         assert all(c.schedule == "iterative" and c.method == "full" for c in chain)
         assert chain[-1].chain == sweep.PAPER_RATIOS
+
+
+@pytest.mark.parametrize("name", sorted(sweep.PRESETS))
+def test_every_preset_has_settings_its_shipped_data_can_meet(name):
+    """The presets not run here (paper, paper_gpu) must not rot: their settings build, their
+    benchmarks ship that many items, and in-domain evaluation comes in whole batches (a part
+    batch costs a full one)."""
+    s = runner.Settings(teacher="unused", **sweep.SETTINGS_PRESETS[name])
+    cells = sweep.PRESETS[name].cells()
+    assert cells and all(c.chain[-1] == c.ratio for c in cells if c.schedule == "iterative")
+    for b in s.general:
+        assert len(benchmarks.load_benchmark(b, limit=s.general_limit)) == s.general_limit, b
+    test = tasks.load_split(runner.load_task(s.task, s.train_split, s.eval_split), s.eval_split)
+    assert s.eval_examples <= len(test) and s.eval_examples % s.eval_batch_size == 0
 
 
 def test_study_star_grid_has_every_comparison_the_findings_need():
