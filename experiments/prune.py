@@ -83,7 +83,8 @@ def main(argv):
     n_tokens = int(sum(m.sum() for _, m in batches))
     # every process builds the same (small) host batches; each places only its own rows
     batches = [tuple(sharding.shard_batch(a, mesh) for a in b) for b in batches]
-    teacher_params = model.config.num_params()
+    teacher_config = model.config
+    teacher_params = teacher_config.num_params()
     print(f"teacher {teacher_params:,} params; calibration {len(batches)} batches, "
           f"{n_tokens:,} tokens")
 
@@ -101,7 +102,9 @@ def main(argv):
         if DIMS.value is not None:
             dims = parse_dims(DIMS.value, config)
         else:
-            dims = pruning.dims_for_ratio(config, ratio, AXES.value, kv_groups=KV_GROUPS.value)
+            # each ratio's one architecture (pruning.dims_within says why)
+            dims = pruning.dims_within(teacher_config, ratio, AXES.value,
+                                       pruning.Dims.of(config), kv_groups=KV_GROUPS.value)
         layer_mask = None
         if DEPTH.value == "contiguous" and dims.layers < config.num_layers:
             layer_mask = pruning.contiguous_block_mask(scores["block_distance"],
@@ -112,7 +115,7 @@ def main(argv):
         smaller = pruning.slice_model(student, masks, mesh=mesh)
         step_scores.append(jax.tree_util.tree_map(np.asarray, scores))
         n = smaller.config.num_params()
-        steps.append({"step": k, "target_ratio_vs_teacher": teacher_params * ratio / config.num_params(),
+        steps.append({"step": k, "target_ratio_vs_teacher": ratio,
                       "dims": dims.as_dict(), "params": n,
                       "ratio_vs_teacher": teacher_params / n, "scoring_seconds": t_score,
                       "kept": {key: np.flatnonzero(np.asarray(m)).tolist() if m.ndim == 1 else

@@ -40,6 +40,11 @@ class Dims:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def at_most(self, other: "Dims") -> "Dims":
+        """Each axis no larger than `other`'s."""
+        return Dims(*(min(a, b) for a, b in zip(dataclasses.astuple(self),
+                                                dataclasses.astuple(other))))
+
 
 def check_dims(config: ModelConfig, dims: Dims, *, kv_groups: bool = False) -> None:
     """Raises ValueError naming what is infeasible and what would be feasible."""
@@ -149,19 +154,46 @@ def dims_for_ratio(config: ModelConfig, ratio: float, axes, *, kv_groups: bool =
             hi = mid
         else:
             lo = mid
-    # Params are affine in any single axis: for each allowed axis, solve it exactly with the
-    # others at the bisection point, and keep the candidate closest to the target.
     candidates = []
     for start in (_dims_at(config, lo, axes, kv_groups), _dims_at(config, hi, axes, kv_groups)):
-        candidates.append(start)
-        for axis in axes:
-            one = params_of(config, _with_axis(start, config, axis, 1, kv_groups))
-            unit = params_of(config, _with_axis(start, config, axis, 2, kv_groups)) - one
-            units = int(round((target - one) / unit)) + 1 if unit else 1
-            units = min(max(units, 1), _axis_range(config, axis, kv_groups, start))
-            candidates.append(_with_axis(start, config, axis, units, kv_groups))
+        candidates += [start] + [_solve_axis(config, start, axis, target, kv_groups)
+                                 for axis in axes]
     feasible = [d for d in candidates if _feasible(config, d, kv_groups)]
     return min(feasible, key=lambda d: abs(params_of(config, d) - target))
+
+
+def dims_within(config: ModelConfig, ratio: float, axes, within: Dims, *,
+                kv_groups: bool = False) -> Dims:
+    """The one shape of `ratio` (`dims_for_ratio` of the teacher `config`), kept within
+    `within` (a chain's current student, which cannot grow back).
+
+    Where that shape does not fit (at a heads step the homogeneous shrink can widen the MLP
+    to make up the parameters), the overflowing axes are cut to `within` and one allowed axis
+    is re-solved to the parameter target. Shrinking the student by the remaining factor
+    instead rounds the coarse axes up at every step (9 heads stay 9 along a whole chain) and
+    makes the hidden width pay: another shape than one-shot's, and a worse one.
+    """
+    shape = dims_for_ratio(config, ratio, axes, kv_groups=kv_groups)
+    if shape.at_most(within) == shape:
+        return shape
+    start, target = shape.at_most(within), config.num_params() / ratio
+    candidates = [start] + [_solve_axis(config, start, axis, target, kv_groups) for axis in axes]
+    fits = [d for d in candidates
+            if d.at_most(within) == d and _feasible(config, d, kv_groups)]
+    if not fits:
+        raise ValueError(f"no shape of ratio {ratio} on axes {list(axes)} fits within "
+                         f"{within.as_dict()}; prune along more axes")
+    return min(fits, key=lambda d: abs(params_of(config, d) - target))
+
+
+def _solve_axis(config, start: Dims, axis: str, target: float, kv_groups: bool) -> Dims:
+    """`start` with `axis` set to the size closest to `target` parameters (params are affine
+    in any single axis)."""
+    one = params_of(config, _with_axis(start, config, axis, 1, kv_groups))
+    unit = params_of(config, _with_axis(start, config, axis, 2, kv_groups)) - one
+    units = int(round((target - one) / unit)) + 1 if unit else 1
+    units = min(max(units, 1), _axis_range(config, axis, kv_groups, start))
+    return _with_axis(start, config, axis, units, kv_groups)
 
 
 def _feasible(config, dims, kv_groups) -> bool:

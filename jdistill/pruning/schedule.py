@@ -50,15 +50,14 @@ def iterative_prune(model: Decoder, ratios: list[float],
                     on_step: Callable[[int, Decoder], None] | None = None) -> Decoder:
     """Runs prune → after_step for each ratio (relative to the original `model`).
 
-    prune(student, r) must return a student r times smaller than `student`; it is called
-    with the ratio that takes the current student to the step's target, so each step
-    re-scores the current student.
+    prune(student, r) must return the current student pruned to the original's size / r,
+    re-scoring it; `dims_within(original_config, r, axes, Dims.of(student.config))` gives
+    each ratio one shape along any chain.
     """
     original = model.config.num_params()
     for step, ratio in enumerate(ratios):
-        relative = model.config.num_params() / (original / ratio)
-        if relative > 1.0 + 1e-9:
-            model = prune(model, relative)
+        if model.config.num_params() > original / ratio * (1.0 + 1e-9):
+            model = prune(model, ratio)
         model = after_step(model)
         if on_step is not None:
             on_step(step, model)

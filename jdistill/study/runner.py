@@ -222,10 +222,13 @@ class Runner:
         return prune_report.load_scores(
             sweep.cached_stage(self.cache, "scores", key, build, self.log) / "scores.npz")
 
-    def prune_to(self, model, ratio_vs_model: float, model_key: str):
-        """`model` shrunk by `ratio_vs_model` along the settings' axes (scores cached)."""
+    def prune_to(self, model, ratio: float, model_key: str):
+        """`model` (the teacher or a chain's student; scores cached) pruned to the one
+        architecture of `ratio` (`pruning.dims_within` says why): one-shot and chain
+        students of a ratio have the same shape, so the schedules differ in the path only."""
         scores = self.scores(model, model_key)
-        dims = pruning.dims_for_ratio(model.config, ratio_vs_model, list(self.s.axes))
+        dims = pruning.dims_within(self.teacher().config, ratio, list(self.s.axes),
+                                   pruning.Dims.of(model.config))
         masks = pruning.select_masks(scores, model.config, dims)
         return pruning.slice_model(model, masks, mesh=self.mesh)
 
@@ -341,9 +344,7 @@ class Runner:
                 before = json.loads((prev / "recovery.json").read_text())
                 model_key = self.chain_key(cell, k - 1)
             target = cell.chain[k - 1]
-            relative = model.config.num_params() / (self.teacher().config.num_params()
-                                                    / target)
-            model = self.prune_to(model, relative, model_key)
+            model = self.prune_to(model, target, model_key)
             self.log(f"[prune] chain step {k}/{len(cell.chain)}: ratio {target:.3g} -> "
                      f"{model.config.num_params():,} params")
             # one curve and one batch stream along the chain: each recovery continues the

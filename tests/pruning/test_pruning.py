@@ -12,9 +12,11 @@ import transformers
 
 import jdistill
 from jdistill import pruning, sharding
+from jdistill.models import config as model_config
 from jdistill.models.decoder import init_model, jit_forward
 from jdistill.pruning import report
-from tests.hf_models import hf_logits, padded_batch, save_hf_model, save_tokenizer
+from tests.hf_models import (hf_logits, make_hf_model, padded_batch, save_hf_model,
+                             save_tokenizer)
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS)")
 FAMILIES = ["llama3", "qwen2_tied", "qwen3"]
@@ -225,23 +227,47 @@ def test_iterative_prune_rescores_and_calls_the_step_hook():
                              num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8)
     model = init_model(c, seed=0)
     batches = _batches(64)
-    seen = []
+    seen, asked = [], []
+    axes = ["mlp", "heads", "hidden"]
 
-    def prune(student, ratio):
+    def prune(student, ratio):  # ratio: vs the original; each ratio's one architecture
+        asked.append(ratio)
         scores = pruning.compute_scores(student, batches)
-        dims = pruning.dims_for_ratio(student.config, ratio, ["mlp", "hidden"])
+        dims = pruning.dims_within(c, ratio, axes, pruning.Dims.of(student.config))
         return pruning.slice_model(student, pruning.select_masks(scores, student.config, dims))
 
     def after(student):
-        seen.append(student.config.num_params())
+        seen.append(student.config)
         return student
 
     ratios = pruning.compression_schedule(2.0, 3, "linear")
     final = pruning.iterative_prune(model, ratios, prune, after_step=after)
-    assert len(seen) == 3 and seen == sorted(seen, reverse=True)
-    for r, n in zip(ratios, seen):
-        assert c.num_params() / n == pytest.approx(r, rel=0.03)
-    assert final.config.num_params() == seen[-1]
+    assert asked == ratios and len(seen) == 3
+    for r, cfg in zip(ratios, seen):
+        assert c.num_params() / cfg.num_params() == pytest.approx(r, rel=0.03)
+        # the chain's student has the one-shot student's shape
+        assert pruning.Dims.of(cfg) == pruning.dims_for_ratio(c, r, axes)
+    assert final.config == seen[-1]
+    # shrinking the student by the remaining factor instead keeps the heads (rounded up at
+    # each step) and takes the hidden width: another shape than one-shot's
+    relative = c
+    for r in ratios:
+        relative = pruning.dims_for_ratio(
+            relative, relative.num_params() / (c.num_params() / r), axes).apply(relative)
+    assert pruning.Dims.of(relative) != pruning.Dims.of(final.config)
+
+
+def test_a_shape_that_does_not_fit_the_student_is_cut_to_it_and_resolved():
+    # at a heads step the homogeneous shrink widens the MLP to make up the parameters, so
+    # the shape of 2.0 (ffn 38) does not fit inside the shape of 1.5 (ffn 34)
+    c = model_config.from_hf_dict(make_hf_model("llama3").config.to_dict())
+    axes = ["mlp", "heads", "hidden"]
+    at15, at20 = (pruning.dims_for_ratio(c, r, axes) for r in (1.5, 2.0))
+    assert at20.ffn > at15.ffn and at20.heads < at15.heads
+    d = pruning.dims_within(c, 2.0, axes, at15)
+    assert d.at_most(at15) == d and d.heads == at20.heads  # fits; the coarse axis as one-shot's
+    assert c.num_params() / d.apply(c).num_params() == pytest.approx(2.0, rel=0.05)
+    assert pruning.dims_within(c, 2.0, axes, pruning.Dims.of(c)) == at20  # the teacher: as is
 
 
 @pytest.mark.parametrize("variant", ["llama3", "mistral", "qwen2_tied", "qwen2_untied", "qwen3"])

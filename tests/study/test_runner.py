@@ -74,6 +74,9 @@ def test_chain_rows_share_cached_steps_and_one_shot_trains_as_long(study, monkey
     assert second["train_seconds"] > first["train_seconds"]
     one = r.run_cell(cells["one_shot", 2.0], root / "cells" / "c")
     assert one["data"]["tokens_seen"] == second["data"]["tokens_seen"]  # equal compute
+    # each ratio's one shape (here the MLP is cut to fit in step 1's student, and
+    # pruning.dims_within re-solves it): the chain loses heads where one-shot does
+    assert second["student_dims"]["heads"] == one["student_dims"]["heads"] < 4
     # the chain's second recovery continues the first's batch stream: it sees the examples
     # one-shot's single run sees in its second half, not the first batches again
     step1, step2, single = batchers
