@@ -325,7 +325,8 @@ class Runner:
         return sweep.stage_key(teacher=self._identity(self.teacher_dir()),
                                chain=cell.chain[:k], format=cell.format, method=cell.method,
                                examples=cell.examples, seed=cell.seed, task=self.s.task,
-                               settings=train_settings, stream="continued")
+                               settings=train_settings, stream="continued",
+                               shapes="one_per_ratio")  # steps cached before dims_within differ
 
     def chain_step(self, cell: sweep.Cell, k: int, records, workdir: Path, writer=None) -> Path:
         """The stage directory of step k of `cell`'s chain: step k-1's recovered student (the
