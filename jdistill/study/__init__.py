@@ -6,7 +6,8 @@ analysis). The analysis names are re-exported here; import sweep, runner and rep
 their modules.
 """
 
-from jdistill.study.analysis import Analysis, analyze, baseline_schedule, extrapolate
+from jdistill.study.analysis import (Analysis, analyze, baseline_schedule, extrapolate,
+                                     hold_out_each_ratio)
 from jdistill.study.findings import (EXTRAP_TOL_ABS, EXTRAP_TOL_SE, FINDING_NUMBERS, findings,
                                      summary, to_json)
 from jdistill.study.fits import (HUBER_K, MIN_DOF_DECIDE, MIN_ERROR, MIN_POINTS_2D, MIN_ROW_BOOT,

@@ -253,6 +253,7 @@ def summary(an: Analysis) -> dict:
         "n_cells": len(st.cells), "formats": st.formats,
         "fits": [cf.as_dict() for cf in an.fits.values()],
         "extrapolation": an.extrapolations,
+        "held_out_each_ratio": an.held_out_each,
         "findings": an.findings,
         "notes": an.notes,
         "rows": [dataclasses.asdict(r) for r in (*st.teachers, *st.cells)],

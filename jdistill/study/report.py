@@ -249,6 +249,7 @@ def markdown(an: Analysis, summary: dict, plots: list[str], *, source: str) -> s
             lines.append(f"| {fmt} | {ex['law']} | {ex['train_max_ratio']:g} | "
                          f"{ex['held_out_ratio']:g} | {ex['mean_abs_err']:.4f} | "
                          f"{ex['max_abs_err']:.4f} | {ex['tolerance']:.4f} |")
+    lines += held_out_each_lines(an)
     if an.notes:
         lines += ["", "## Notes", ""] + [f"- {_cell(n)}" for n in an.notes]
     lines += ["", "## Raw results", "",
@@ -269,3 +270,37 @@ def markdown(an: Analysis, summary: dict, plots: list[str], *, source: str) -> s
                      f"{_pm(c.general, c.general_se)} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def held_out_each_lines(an: Analysis) -> list[str]:
+    """The leave-one-ratio-out table (``analysis.hold_out_each_ratio``) and its tallies."""
+    entries = [(fmt, e) for fmt, es in sorted(an.held_out_each.items()) for e in es]
+    if not entries:
+        return []
+    lines = ["", "## Each ratio held out in turn (in-domain accuracy; a diagnostic)", "",
+             "Both in-domain laws are fitted on the teacher and every other ratio, then "
+             "predict the held-out ratio's rows (the error law floored at chance). Finding 1 "
+             "holds out only the largest ratio; this table shows the laws between the ratios "
+             "too. No finding reads it.", "",
+             "| format | held-out ratio | rows | measured | error law: predicted (mean abs "
+             "err) | collapse law: predicted (mean abs err) | tolerance |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(fit):
+        if "skipped" in fit:
+            return f"skipped: {_cell(fit['skipped'])}"
+        mark = "" if fit["within_tolerance"] else " **over**"
+        return (f"`{fit['law']}` {fit['predicted']:.3f} ({fit['mean_abs_err']:.3f}{mark})")
+
+    for fmt, e in entries:
+        lines.append(f"| {fmt} | {e['held_out_ratio']:g} | {e['n_test']} | "
+                     f"{e['observed']:.3f} | {cell(e['laws']['error'])} | "
+                     f"{cell(e['laws']['collapse'])} | {e['tolerance']:.3f} |")
+    lines.append("")
+    for fmt, es in sorted(an.held_out_each.items()):
+        tally = {kind: sum(e["laws"][kind].get("within_tolerance", False) for e in es)
+                 for kind in ("error", "collapse")}
+        lines.append(f"- {fmt}: within tolerance at {tally['error']} of {len(es)} held-out "
+                     f"ratios with the error law, {tally['collapse']} of {len(es)} with the "
+                     "collapse law")
+    return lines

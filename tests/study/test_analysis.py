@@ -360,6 +360,8 @@ def test_report_writes_markdown_json_and_plots(tmp_path, factorial):
         assert f"]({name})" in text  # embedded with a relative link
     assert fits["plots"] == ["in_domain.png", "general.png", "comparisons.png"]
     assert "## Raw results" in text and "r6-label-lora-iterative-n256-s0" in text
+    assert "## Each ratio held out in turn" in text and "| label | 4 | 2 |" in text
+    assert len(fits["held_out_each_ratio"]["label"]) == 5
     assert "| label | general_collapse | `gk_collapse_fixed_chance` |" in text
     assert fits["teacher"]["general_chance"] == GEN_CHANCE
     assert not list(out.glob(".*"))  # atomic writes leave no temp files
@@ -463,3 +465,39 @@ def test_held_out_prediction_is_floored_at_chance():
     assert unbounded["predicted"][0] < 0.05  # the law alone goes below chance
     assert floored["predicted"] == [0.05] and floored["chance_floor"] == 0.05
     assert floored["mean_abs_err"] == pytest.approx(0.01)
+
+
+def _knee_rows(outlier_at=None):
+    """A chain whose accuracy follows the collapse law exactly: plateau, knee, chance."""
+    def acc(r, d, fmt):
+        a = IN_CHANCE + (0.8 - IN_CHANCE) * sigmoid(-3.0 * (math.log(r) - math.log(2.0)))
+        return a - 0.3 if outlier_at is not None and abs(r - outlier_at) < 0.1 else a
+    return sd.select(synthetic_rows(ratios=(1.27, 1.72, 2.7, 4.0, 6.25), ds=(256,),
+                                    formats=("label",), methods=("full",),
+                                    schedules=("iterative",), seeds=(0, 1), noise=0.004,
+                                    acc_fn=acc, general=False))
+
+
+def test_each_ratio_held_out_in_turn_predicts_a_smooth_chain():
+    rows = [*(st := _knee_rows()).teachers, *st.baseline("label", "full", "iterative")]
+    each = sd.hold_out_each_ratio(rows, "label", IN_CHANCE)
+    assert [e["held_out_ratio"] for e in each] == [1.27, 1.72, 2.7, 4.0, 6.25]
+    assert all(e["n_test"] == 2 and e["n_train"] == len(rows) - 2 for e in each)
+    for e in each:  # the true law is the collapse law: it predicts every ratio it did not see
+        fit = e["laws"]["collapse"]
+        assert fit["within_tolerance"] and fit["mean_abs_err"] < 0.02, e
+        assert e["laws"]["error"]["law"] == "power_error"  # one data size
+        assert e["tolerance"] == 0.05  # stderr 0.004: the absolute floor
+
+
+def test_a_ratio_off_the_curve_fails_when_held_out():
+    st = _knee_rows(outlier_at=2.7)  # 0.3 below the curve at one interior ratio
+    each = {e["held_out_ratio"]: e for e in sd.hold_out_each_ratio(
+        [*st.teachers, *st.baseline("label", "full", "iterative")], "label", IN_CHANCE)}
+    for kind in ("error", "collapse"):
+        assert not each[2.7]["laws"][kind]["within_tolerance"], kind
+        assert each[2.7]["laws"][kind]["mean_abs_err"] > 0.15
+    # too few rows left to fit: said, not guessed
+    few = [*st.teachers, *[c for c in st.cells if c.ratio in (1.27, 1.72)]]
+    skipped = sd.hold_out_each_ratio(few, "label", IN_CHANCE)
+    assert all("skipped" in e["laws"]["collapse"] for e in skipped)
