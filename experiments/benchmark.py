@@ -53,6 +53,7 @@ from absl import app, flags
 
 from experiments import cli
 from experiments import flags as common
+from jdistill.distill import train
 from jdistill.models.decoder import REMAT_POLICIES
 
 DIM_KEYS = ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "head_dim", "tie")
@@ -93,23 +94,21 @@ TEACHER_DIMS = flags.DEFINE_string(
 STUDENT_DIMS = flags.DEFINE_string("student_dims", None, "override preset student dims")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "rows per step (default: preset's)")
 SEQ_LEN = flags.DEFINE_integer("seq_len", None, "tokens per row (default: preset's)")
-FORMAT = flags.DEFINE_enum("format", "logits", ["logits", "blended"],
-                           "logits: forward KL on trace+answer tokens (union mean); blended: "
-                           "per-segment KL + CE")
 DTYPE = common.define_dtype(help="compute dtype (f32 master weights either way; default: "
                              "preset's)", choices=("float32", "bfloat16"))  # train.DTYPES
 STEPS = flags.DEFINE_integer("steps", None, "timed steps per implementation, after one "
                              "untimed warm-up / compile step (default: preset's)")
-REMAT = flags.DEFINE_enum("remat", "dots", list(REMAT_POLICIES), "remat policy of the "
-                          "student's layers (DistillConfig.remat)")
 REMAT_MEMORY = flags.DEFINE_bool("remat_memory", False, "also print each remat policy's "
                                  "compiled temporary memory at 8 x 2048 tokens")
 BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "batch sizes to try largest first, moving "
                                 "on after an out-of-memory error (default: --batch_size)")
-CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "tokens per chunk of the fused lm-head "
-                                  "loss (default: DistillConfig's)")
-TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "KL temperature (loss carries tau^2)")
-LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-4, "AdamW learning rate (both)")
+# the step's settings are DistillConfig's flags (defaults and help live there), those the
+# PyTorch reference step also has: forward KL, AdamW without decay or warm-up, full training
+CONFIG = common.define_config_flags(
+    train.DistillConfig, defaults={"format": "logits"},
+    skip=("steps", "kind", "beta", "lam", "warmup_steps", "weight_decay", "compute_dtype",
+          "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "seed"))
+TORCH_FORMATS = ("logits", "blended")  # the formats `torch_loss` implements
 INIT_STD = flags.DEFINE_float("init_std", 0.02, "std of the random weights (initializer_range)")
 TORCH_BASELINE = flags.DEFINE_bool("torch_baseline", None, "also time the PyTorch step "
                                    "(default: on CPU yes, on GPU no: torch here is CPU-only)")
@@ -229,7 +228,6 @@ def prepare_ours(teacher, student, batch: dict, cfg):
     from flax import nnx
 
     from jdistill import sharding as sharding_lib
-    from jdistill.distill import train
 
     mesh = sharding_lib.make_mesh(devices=jax.devices()[:1])
     s_graphdef, t_graphdef = nnx.split(student)[0], nnx.split(teacher)[0]
@@ -260,7 +258,6 @@ def step_temp_memory(teacher, student, batch: dict, cfg) -> dict:
     from flax import nnx
 
     from jdistill import sharding as sharding_lib
-    from jdistill.distill import train
 
     mesh = sharding_lib.make_mesh(devices=jax.devices()[:1])
     state, frozen, t_params, _ = train._place(student, train.pure_params(teacher), mesh, cfg)
@@ -460,7 +457,6 @@ def remat_memory(t_dims, s_dims, cfg, *, batch_size=8, seq_len=2048) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from jdistill.distill import train
     from jdistill.models import flops as flops_lib
 
     if importlib.util.find_spec("torch") is None:  # the baseline: a test-extra package
@@ -482,18 +478,20 @@ def main(argv):
     on_gpu = jax.default_backend() == "gpu"
     with_torch = (not on_gpu) if TORCH_BASELINE.value is None else TORCH_BASELINE.value
     threads = THREADS.value or usable_cpus()
-    cfg_kw = {} if CHUNK_SIZE.value is None else {"chunk_size": CHUNK_SIZE.value}
-    cfg = train.DistillConfig(steps=steps + 1, format=FORMAT.value, temperature=TEMPERATURE.value,
-                              learning_rate=LEARNING_RATE.value, compute_dtype=dtype,
-                              seed=SEED.value, remat=REMAT.value, **cfg_kw)
+    cfg = train.DistillConfig(steps=steps + 1, compute_dtype=dtype, seed=SEED.value,
+                              **common.config_values(CONFIG))
+    if with_torch and cfg.format not in TORCH_FORMATS:
+        raise app.UsageError(f"--format={cfg.format}: the PyTorch baseline implements "
+                             f"{', '.join(TORCH_FORMATS)}; pick one, or --notorch_baseline")
     from jdistill.models import decoder
     attention = decoder.attention_implementation(jnp.dtype(dtype), head_dim(s_dims))
     result = {
         "settings": {"preset": PRESET.value, "teacher_dims": t_dims, "student_dims": s_dims,
-                     "seq_len": seq_len, "format": FORMAT.value, "dtype": dtype,
+                     "seq_len": seq_len, "format": cfg.format, "dtype": dtype,
                      "steps": steps, "chunk_size": cfg.chunk_size, "remat": cfg.remat,
-                     "attention": attention, "temperature": TEMPERATURE.value,
-                     "learning_rate": LEARNING_RATE.value, "init_std": INIT_STD.value,
+                     "attention": attention, "temperature": cfg.temperature,
+                     "learning_rate": cfg.learning_rate, "clip_norm": cfg.clip_norm,
+                     "init_std": INIT_STD.value,
                      "torch_baseline": with_torch, "batch_sizes_tried": sizes},
         "teacher_params": model_config(t_dims, seq_len).num_params(),
         "student_params": model_config(s_dims, seq_len).num_params(),
@@ -501,7 +499,7 @@ def main(argv):
     }
     print(f"teacher {result['teacher_params']:,} params {t_dims}\nstudent "
           f"{result['student_params']:,} params {s_dims}\nseq {seq_len}, format "
-          f"{FORMAT.value}, {dtype}, remat {cfg.remat}, attention {attention}, {steps} timed "
+          f"{cfg.format}, {dtype}, remat {cfg.remat}, attention {attention}, {steps} timed "
           f"steps; jax {result['machine']['jax_backend']} ({result['machine']['device_kind']})",
           flush=True)
     *ours, hf_t, hf_s = build_models(t_dims, s_dims, seq_len=seq_len, dtype=dtype,
@@ -521,8 +519,8 @@ def main(argv):
     if with_torch:
         weights, _ = cfg.blend
         info["torch"], fns["torch"] = prepare_torch(
-            hf_t, hf_s, batch, fmt=FORMAT.value, dtype=dtype, temperature=TEMPERATURE.value,
-            learning_rate=LEARNING_RATE.value, clip_norm=cfg.clip_norm, weights=weights,
+            hf_t, hf_s, batch, fmt=cfg.format, dtype=dtype, temperature=cfg.temperature,
+            learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm, weights=weights,
             threads=threads)
     for name, times in interleaved_times(fns, steps).items():
         result[name] = summarize({**info[name], "times_s": times}, tokens)

@@ -52,12 +52,15 @@ def test_tiny_preset_matches_torch(tmp_path, fmt):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temp file
 
 
-def test_bad_dims_are_a_usage_error(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["--student_dims=vocab=100"], "one vocabulary"),
+    (["--format=label"], "--format=label: the PyTorch baseline implements logits, blended"),
+])
+def test_bad_settings_are_a_usage_error(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--preset=tiny",
-                           "--student_dims=vocab=100"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "one vocabulary" in proc.stderr
+    assert message in proc.stderr
 
 
 def test_batch_sweep_moves_on_only_after_out_of_memory():
