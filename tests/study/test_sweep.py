@@ -196,3 +196,29 @@ def test_tiny_sweep_writes_rows_and_resumes(tmp_path):
     other = subprocess.run(args[:-1] + ["--design=factorial", "--set=steps=3"],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert other.returncode != 0 and "other settings" in other.stderr
+
+
+@pytest.mark.slow
+def test_processes_for_different_seeds_share_one_out(tmp_path):
+    # README: run a study a seed at a time, side by side, into one --out and one cache
+    base = [sys.executable, "-m", "experiments.sweep", f"--out={tmp_path}/s",
+            *make_study_inputs(tmp_path), "--ratios=2", "--formats=label", "--methods=full",
+            "--schedules=one_shot", "--examples=8", "--design=factorial"]
+    env = _env(tmp_path / "cache")
+    procs = [subprocess.Popen(base + [f"--seeds={s}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+             for s in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    both = subprocess.run(base + ["--seeds=0,1"], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=600)
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert "0 to run" in both.stdout  # each seed's process finished its own cells
+    rows = [json.loads(l) for l in (tmp_path / "s/results.jsonl").read_text().splitlines()]
+    cells = sorted(r["cell"]["id"] for r in rows if r["main"] == "sweep_cell")
+    assert cells == ["r2-label-full-oneshot-n8-s0", "r2-label-full-oneshot-n8-s1"]
+    assert sum(r["main"] == "sweep_teacher" for r in rows) == 1
+    # the corrected teacher was built once for both (a lost race leaves no second copy)
+    assert len(list((tmp_path / "cache").rglob("teacher-*/STAGE.json"))) == 1
+    assert not list((tmp_path / "cache").rglob(".teacher-*"))
