@@ -30,7 +30,9 @@ def write_report(an: Analysis, results_path, out_dir) -> Path:
     rows = [json.loads(line) for line in Path(results_path).read_text().splitlines()
             if line.strip()]
     plots = render_plots(an, out)
-    summary = files.portable_paths({**findings_summary(an), "plots": plots})
+    # the folder's own copy of the rows is the source it names, wherever they were read
+    summary = files.portable_paths({**findings_summary(an), "plots": plots,
+                                    "source": "results.jsonl"})
     files.atomic_write(out / "fits.json", json.dumps(summary, indent=1))
     files.atomic_write(out / "results.jsonl", "".join(
         json.dumps(files.portable_paths(r)) + "\n" for r in rows))

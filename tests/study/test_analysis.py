@@ -366,7 +366,7 @@ def test_report_writes_markdown_json_and_plots(tmp_path, factorial):
     assert fits["teacher"]["general_chance"] == GEN_CHANCE
     assert not list(out.glob(".*"))  # atomic writes leave no temp files
     # the folder carries its rows (as read) and names them relatively
-    assert "- Results: `results.jsonl`" in text
+    assert "- Results: `results.jsonl`" in text and fits["source"] == "results.jsonl"
     assert [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()] == rows
 
 
