@@ -17,14 +17,15 @@
 # 470) from the script's start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY="${PYTHON:-$(command -v python3 || command -v python)}"  # GPU images may have no `python`
 
 JSON="${OUT:-.}/benchmark_gpu.json"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-470}"   # seconds for everything, set-up included
 left() { echo $(( BENCH_TIMEOUT - SECONDS > 10 ? BENCH_TIMEOUT - SECONDS : 10 )); }
 
-if ! python -c "import jdistill, experiments" 2>/dev/null; then
+if ! "$PY" -c "import jdistill, experiments" 2>/dev/null; then
   echo "== installing the repo (pip install -e .)"
-  pip install --quiet -e . || { echo "pip install -e . failed (offline?)" >&2; exit 1; }
+  "$PY" -m pip install --quiet -e . || { echo "pip install -e . failed (offline?)" >&2; exit 1; }
 fi
 
 has_gpu=0
@@ -33,12 +34,12 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 
-backend() { python -c "import jax; print(jax.default_backend())" 2>/dev/null || echo none; }
+backend() { "$PY" -c "import jax; print(jax.default_backend())" 2>/dev/null || echo none; }
 
 if [[ $has_gpu == 1 && $(backend) != gpu ]]; then
-  jax_version=$(python -c "import jax; print(jax.__version__)")
+  jax_version=$("$PY" -c "import jax; print(jax.__version__)")
   echo "== jax $jax_version sees no GPU: installing jax[cuda12]==$jax_version"
-  pip install --quiet "jax[cuda12]==$jax_version" \
+  "$PY" -m pip install --quiet "jax[cuda12]==$jax_version" \
     || { echo "could not install jax[cuda12] (offline?); install it and rerun" >&2; exit 1; }
 fi
 
@@ -46,13 +47,13 @@ if [[ $has_gpu == 1 && $(backend) == gpu ]]; then
   # most of the GPU for the step (default preallocation is 75%)
   export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
   export JDISTILL_ATTENTION=cudnn
-  timeout "$(left)" python -m experiments.benchmark --preset=1b --format=logits \
+  timeout "$(left)" "$PY" -m experiments.benchmark --preset=1b --format=logits \
     --seq_len=2048 --batch_sizes=16,8,4,2 --out="$JSON" "$@"
 else
   echo "!! no usable NVIDIA GPU here (nvidia-smi: $([[ $has_gpu == 1 ]] && echo found || echo \
 missing), jax backend: $(backend)): no GPU numbers. Running the CPU configuration" \
     "(--preset=${BENCH_CPU_PRESET:-small}, PyTorch baseline) instead; the JSON says" \
     "jax_backend=cpu." >&2
-  timeout "$(left)" python -m experiments.benchmark --preset="${BENCH_CPU_PRESET:-small}" \
+  timeout "$(left)" "$PY" -m experiments.benchmark --preset="${BENCH_CPU_PRESET:-small}" \
     --batch_sizes="${BENCH_CPU_BATCHES:-8,4}" --out="$JSON" "$@"
 fi
