@@ -70,12 +70,20 @@ class Settings:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_learning_rate: float = 1e-3
+    # training's forward/backward dtype (f32 master weights either way): bfloat16 on GPUs and
+    # TPUs (cuDNN's fused attention needs it); float32 on CPUs, where bf16 bought no speed
+    compute_dtype: str = "float32"
     # CoT traces
     trace_max_new_tokens: int = 40
     trace_batch_size: int = 16
     # 0: greedy traces (one set for every seed); > 0: sampled, the cell's seed draws them
     trace_temperature: float = 0.0
     trace_top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.compute_dtype not in train.DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}: use one of "
+                             f"{sorted(train.DTYPES)}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,7 +167,7 @@ class Runner:
                                                                 self.s.train_split))))
         settings = {k: getattr(self.s, k) for k in
                     ("task", "train_split", "correction_steps", "correction_learning_rate",
-                     "correction_examples", "batch_size", "seq_len")}
+                     "correction_examples", "batch_size", "seq_len", "compute_dtype")}
         key = sweep.stage_key(teacher=self._identity(original), packed=True, **settings)
 
         def build(tmp):
@@ -169,7 +177,8 @@ class Runner:
             records = tasks.to_records(self.task, examples)
             cfg = train.DistillConfig(steps=self.s.correction_steps, format="label",
                                       learning_rate=self.s.correction_learning_rate,
-                                      warmup_steps=min(5, self.s.correction_steps - 1))
+                                      warmup_steps=min(5, self.s.correction_steps - 1),
+                                      compute_dtype=self.s.compute_dtype)
             # a stable workdir (not inside tmp): a killed correction resumes from its checkpoint
             run_dir = self.cache / f"teacher-{key[:16]}.run"
             result = self._train(model, None, records, cfg, run_dir, with_reasoning=False)
@@ -292,7 +301,8 @@ class Runner:
             steps=steps, format=cell.format, seed=cell.seed,
             learning_rate=self.s.lora_learning_rate if lora else self.s.learning_rate,
             warmup_steps=min(self.s.warmup_steps, steps - 1),
-            lora_rank=self.s.lora_rank if lora else 0, lora_alpha=self.s.lora_alpha)
+            lora_rank=self.s.lora_rank if lora else 0, lora_alpha=self.s.lora_alpha,
+            compute_dtype=self.s.compute_dtype)
 
     def distill(self, cell: sweep.Cell, student, records, workdir, steps: int, writer=None,
                 first_step: int = 0):

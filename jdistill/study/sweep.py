@@ -212,12 +212,12 @@ SETTINGS_PRESETS = {
                       correction_learning_rate=1e-4, steps=200, batch_size=32,
                       seq_len=256, calib_samples=512, trace_max_new_tokens=96,
                       trace_temperature=0.6, trace_top_p=0.95, eval_batch_size=64,
-                      axes=WIDTH_AND_DEPTH),
+                      compute_dtype="bfloat16", axes=WIDTH_AND_DEPTH),
     "paper": dict(eval_examples=1008, general=GENERAL + ("boolq", "openbookqa"),
                   general_limit=500, correction_steps=300, correction_examples=4000,
                   steps=500, batch_size=32, seq_len=256, calib_samples=512,
                   trace_max_new_tokens=96, trace_temperature=0.6, trace_top_p=0.95,
-                  axes=WIDTH_AND_DEPTH),
+                  compute_dtype="bfloat16", axes=WIDTH_AND_DEPTH),
 }
 
 

@@ -149,6 +149,9 @@ CASES = [
     ("unknown flag", "evaluate", _with(EVALUATE, "--colour=blue"), r"colour"),
     ("unknown logger", "distill", _with(DISTILL, "--loggers=tensorboard,mlflow"),
      r"unknown logger\(s\) \['mlflow'\]"),
+    ("unknown training dtype of a study", "sweep",
+     ["--out={t}/sweep", "--preset=smoke", "--teacher={w}/model", "--set=compute_dtype=float16"],
+     r"compute_dtype='float16': use one of \['bfloat16', 'float32'\]"),
     ("unknown harness task", "evaluate", _with(EVALUATE, "--task=", "--harness_tasks=nope_task"),
      r"unknown lm-evaluation-harness task\(s\) \['nope_task'\]"),
 ]

@@ -105,3 +105,21 @@ def test_a_trace_format_student_is_scored_after_its_own_trace(study):
     assert m["in_domain_accuracy"] == m["in_domain_trace_accuracy"]
     assert "in_domain_direct_accuracy" in m and m["in_domain_trace_tokens"] > 0
     assert r.evaluate(model, "t", "label")["in_domain_scoring"] == "direct"
+
+
+def test_compute_dtype_reaches_training_and_its_cache_keys(study):
+    import dataclasses
+
+    r, _, root = study
+    cell = sweep.Grid(ratios=(1.5,), formats=("label",), methods=("full", "lora"),
+                      schedules=("iterative",), design="star", contrast_ratios=(1.5,)).cells()
+    bf16 = runner.Runner(dataclasses.replace(r.s, compute_dtype="bfloat16"), root / "cache")
+    for c in cell:
+        assert r.distill_config(c, 4).compute_dtype == "float32"
+        assert bf16.distill_config(c, 4).compute_dtype == "bfloat16"
+        assert bf16.chain_key(c, 1) != r.chain_key(c, 1)  # another student: not reused
+    with pytest.raises(ValueError, match="compute_dtype='float16'"):
+        dataclasses.replace(r.s, compute_dtype="float16")
+    # GPU presets train in bf16 (cuDNN's fused attention needs it); CPU presets in f32
+    assert sweep.SETTINGS_PRESETS["paper_gpu"]["compute_dtype"] == "bfloat16"
+    assert "compute_dtype" not in sweep.SETTINGS_PRESETS["study"]
