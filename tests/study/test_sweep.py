@@ -37,8 +37,11 @@ def test_every_preset_has_settings_its_shipped_data_can_meet(name):
     assert cells and all(c.chain[-1] == c.ratio for c in cells if c.schedule == "iterative")
     for b in s.general:
         assert len(benchmarks.load_benchmark(b, limit=s.general_limit)) == s.general_limit, b
-    test = tasks.load_split(runner.load_task(s.task, s.train_split, s.eval_split), s.eval_split)
+    task = runner.load_task(s.task, s.train_split, s.eval_split)
+    test, train = tasks.load_split(task, s.eval_split), tasks.load_split(task, s.train_split)
     assert s.eval_examples <= len(test) and s.eval_examples % s.eval_batch_size == 0
+    assert max(sweep.PRESETS[name].examples) <= len(train)
+    assert s.correction_examples <= len(train)
 
 
 def test_study_star_grid_has_every_comparison_the_findings_need():
