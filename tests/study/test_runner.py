@@ -112,12 +112,15 @@ def test_compute_dtype_reaches_training_and_its_cache_keys(study):
 
     r, _, root = study
     cell = sweep.Grid(ratios=(1.5,), formats=("label",), methods=("full", "lora"),
-                      schedules=("iterative",), design="star", contrast_ratios=(1.5,)).cells()
+                      schedules=("iterative",), examples=(16,), design="star",
+                      contrast_ratios=(1.5,)).cells()
     bf16 = runner.Runner(dataclasses.replace(r.s, compute_dtype="bfloat16"), root / "cache")
     for c in cell:
         assert r.distill_config(c, 4).compute_dtype == "float32"
         assert bf16.distill_config(c, 4).compute_dtype == "bfloat16"
         assert bf16.chain_key(c, 1) != r.chain_key(c, 1)  # another student: not reused
+    row = bf16.run_cell(cell[0], root / "cells" / "bf16")  # a bf16 recovery, end to end
+    assert row["train_metrics"]["loss"] > 0 and 0 <= row["metrics"]["in_domain_accuracy"] <= 1
     with pytest.raises(ValueError, match="compute_dtype='float16'"):
         dataclasses.replace(r.s, compute_dtype="float16")
     # GPU presets train in bf16 (cuDNN's fused attention needs it); CPU presets in f32
